@@ -1,0 +1,3 @@
+"""genrec: LLM-based generative recommendation."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,187 @@
+"""Stages, the run directory and ``genrec run``.
+
+A stage is a function ``run(ctx: StageContext) -> dict`` that reads the outputs of the
+stages it names as inputs and writes its own files into ``ctx.out``. The runner gives it
+a fresh temporary directory, and only when the function returns does it write
+``done.json`` (the resolved config of the sections the stage reads, a hash of its
+inputs, a SHA-256 of every file it wrote and the summary it returned) and move the
+directory into place with one ``rename``. So a killed stage leaves no half-written
+output; long stages keep resumable state (checkpoints) in ``ctx.work``, which survives a
+kill. A rerun skips a stage whose config, inputs and files are unchanged, and redoes one
+whose files no longer match their checksums.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from genrec.config import RunConfig, config_hash, to_dict
+from genrec.io import read_json, sha256_file, write_json
+
+log = logging.getLogger("genrec")
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    # "module:function" imported lazily, so `genrec --help` stays light.
+    target: str
+    # Config sections the stage reads (they enter its config hash).
+    sections: tuple[str, ...]
+    # Stages whose outputs it reads (their file hashes enter its input hash).
+    inputs: tuple[str, ...] = ()
+    help: str = ""
+
+
+STAGES: dict[str, Stage] = {
+    s.name: s
+    for s in [
+        Stage("prepare", "genrec.data.prepare:run", ("data",), (), "read raw data, k-core, order, split, statistics"),
+        Stage("popularity", "genrec.baselines.popularity:run", ("eval",), ("prepare",), "most-popular baseline"),
+        Stage("sasrec", "genrec.baselines.sasrec:run", ("sasrec", "eval"), ("prepare",), "SASRec, full-softmax CE"),
+        Stage("text", "genrec.text.compose:run", ("text",), ("prepare",), "compose each item's text"),
+        Stage("embed", "genrec.text.encode:run", ("embed",), ("text",), "embed item texts"),
+        Stage("sid", "genrec.sid.stage:run", ("sid",), ("embed", "prepare"), "quantise embeddings into Semantic IDs"),
+        Stage("sft", "genrec.train.sft:run", ("model", "sft", "decode", "eval"), ("prepare", "sid", "text"),
+              "multi-task SFT of the generative recommender"),
+        Stage("eval", "genrec.eval.generative:run", ("decode", "eval"), ("prepare", "sid", "sft"),
+              "evaluate the SFT model with constrained beam search"),
+        Stage("rl", "genrec.train.rl:run", ("rl", "decode", "eval"), ("prepare", "sid", "sft"),
+              "GRPO-family RL from the SFT checkpoint"),
+    ]
+}
+
+
+@dataclass
+class StageContext:
+    cfg: RunConfig
+    run_dir: Path
+    stage: Stage
+    # Temporary output directory, renamed to run_dir/<stage> on success.
+    out: Path
+    # Persistent scratch directory for checkpoints; removed after success.
+    work: Path
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def input(self, name: str) -> Path:
+        """The finished output directory of an upstream stage."""
+        path = self.run_dir / name
+        if not (path / "done.json").is_file():
+            raise FileNotFoundError(f"stage {self.stage.name!r} needs stage {name!r}, which has not run in {self.run_dir}")
+        return path
+
+    @property
+    def seed(self) -> int:
+        return self.cfg.seed
+
+
+def _stage_record(cfg: RunConfig, stage: Stage, run_dir: Path) -> dict:
+    sections = {s: to_dict(getattr(cfg, s)) for s in stage.sections}
+    inputs = {}
+    for name in stage.inputs:
+        done = run_dir / name / "done.json"
+        inputs[name] = read_json(done)["files_hash"] if done.is_file() else None
+    return {
+        "stage": stage.name,
+        "seed": cfg.seed,
+        "config": sections,
+        "config_hash": config_hash({"seed": cfg.seed, **sections}),
+        "input_hash": config_hash(inputs),
+    }
+
+
+def _files_of(directory: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(directory)): sha256_file(p)
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != "done.json"
+    }
+
+
+def stage_status(cfg: RunConfig, name: str) -> str:
+    """'done' (up to date and intact), 'stale' (config or inputs changed), 'corrupt' or 'missing'."""
+    stage = STAGES[name]
+    run_dir = Path(cfg.run_dir)
+    done_path = run_dir / name / "done.json"
+    if not done_path.is_file():
+        return "missing"
+    try:
+        done = read_json(done_path)
+    except ValueError:
+        return "corrupt"
+    want = _stage_record(cfg, stage, run_dir)
+    if done.get("config_hash") != want["config_hash"] or done.get("input_hash") != want["input_hash"]:
+        return "stale"
+    files = done.get("files", {})
+    for rel, digest in files.items():
+        path = run_dir / name / rel
+        if not path.is_file() or sha256_file(path) != digest:
+            log.warning("stage %s: %s is missing or does not match its checksum; the stage reruns", name, rel)
+            return "corrupt"
+    return "done"
+
+
+def load_stage_fn(stage: Stage) -> Callable[[StageContext], dict]:
+    module, fn = stage.target.split(":")
+    return getattr(importlib.import_module(module), fn)
+
+
+def run_stage(cfg: RunConfig, name: str, force: bool = False) -> dict:
+    """Run one stage unless it is already done; return its done.json record."""
+    if name not in STAGES:
+        raise KeyError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+    stage = STAGES[name]
+    run_dir = Path(cfg.run_dir)
+    final = run_dir / name
+    status = stage_status(cfg, name)
+    if status == "done" and not force:
+        log.info("stage %-10s up to date, skipped", name)
+        return read_json(final / "done.json")
+    for dep in stage.inputs:
+        if stage_status(cfg, dep) != "done":
+            run_stage(cfg, dep)
+    record = _stage_record(cfg, stage, run_dir)
+    tmp = run_dir / f".{name}.tmp"
+    work = run_dir / f".{name}.work"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    work.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / "config.json", to_dict(cfg))
+    log.info("stage %-10s running (%s)", name, stage.help)
+    started = time.time()
+    fn = load_stage_fn(stage)
+    summary = fn(StageContext(cfg=cfg, run_dir=run_dir, stage=stage, out=tmp, work=work)) or {}
+    files = _files_of(tmp)
+    record.update(
+        files=files,
+        files_hash=config_hash(files),
+        summary=summary,
+        started=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+        seconds=round(time.time() - started, 2),
+    )
+    write_json(tmp / "done.json", record)
+    # Swap in the finished directory: remove the old one first, then one rename.
+    if final.exists():
+        trash = run_dir / f".{name}.old"
+        shutil.rmtree(trash, ignore_errors=True)
+        final.rename(trash)
+        shutil.rmtree(trash)
+    tmp.rename(final)
+    shutil.rmtree(work, ignore_errors=True)
+    log.info("stage %-10s done in %.1fs", name, record["seconds"])
+    return record
+
+
+def run_pipeline(cfg: RunConfig, force: list[str] | None = None) -> dict[str, dict]:
+    """Run ``cfg.stages`` in order; ``force`` names stages to redo even if up to date."""
+    unknown = [s for s in [*cfg.stages, *(force or [])] if s not in STAGES]
+    if unknown:
+        raise KeyError(f"unknown stage {unknown[0]!r}; stages: {', '.join(STAGES)}")
+    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    return {name: run_stage(cfg, name, force=name in (force or [])) for name in cfg.stages}
