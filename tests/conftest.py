@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny datasets made by the tests, and where the real shared data lives."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+SHARED_DATA = Path(os.environ.get("GENREC_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def shared_data_or_skip(sub: str = "") -> Path:
+    path = SHARED_DATA / sub
+    if not path.exists():
+        pytest.skip(f"real data not found at {path} (set GENREC_SHARED_DATA to the shared/data directory)")
+    return path
+
+
+def make_dataset_frames(num_users: int = 40, num_items: int = 30, min_len: int = 5, max_len: int = 12, seed: int = 0):
+    """Random items/sequences frames in the prepared format (leave-one-out split)."""
+    rng = np.random.default_rng(seed)
+    items = pd.DataFrame(
+        {
+            "item_id": np.arange(num_items),
+            "raw_id": [f"i{i}" for i in range(num_items)],
+            "title": [f"item {i} title" for i in range(num_items)],
+            "brand": [f"brand{i % 4}" for i in range(num_items)],
+            "categories": [f"Cat, Sub{i % 3}" for i in range(num_items)],
+            "description": ["" for _ in range(num_items)],
+        }
+    )
+    seqs = []
+    for _ in range(num_users):
+        n = int(rng.integers(min_len, max_len + 1))
+        seqs.append(rng.choice(num_items, size=n, replace=False).astype(np.int64))
+    sequences = pd.DataFrame(
+        {
+            "user_id": np.arange(num_users),
+            "raw_user": [f"u{u}" for u in range(num_users)],
+            "item_ids": seqs,
+            "timestamps": [np.arange(len(s), dtype=np.float64) for s in seqs],
+            "valid_pos": [len(s) - 2 for s in seqs],
+            "test_pos": [len(s) - 1 for s in seqs],
+        }
+    )
+    return items, sequences
+
+
+@pytest.fixture
+def tiny_dataset():
+    from genrec.data.dataset import Dataset
+
+    items, sequences = make_dataset_frames()
+    return Dataset(items, sequences, max_history=5)
