@@ -83,6 +83,53 @@ def cmd_multiseed(args) -> int:
     return 0
 
 
+def resolve_history(items, tokens: list[str]) -> list[int]:
+    """Map each token to an item_id: an integer id, or an item title (case-insensitive, exact)."""
+    by_title: dict[str, list[int]] = {}
+    for item_id, title in zip(items["item_id"], items["title"].fillna("")):
+        by_title.setdefault(str(title).strip().lower(), []).append(int(item_id))
+    out = []
+    for tok in tokens:
+        if tok.strip().isdigit():
+            item_id = int(tok)
+            if not 0 <= item_id < len(items):
+                raise ValueError(f"--history: item id {item_id} is out of range (0..{len(items) - 1})")
+            out.append(item_id)
+            continue
+        found = by_title.get(tok.strip().lower(), [])
+        if not found:
+            raise ValueError(f"--history: no item has the title {tok!r} (give an item id or an exact title)")
+        if len(found) > 1:
+            raise ValueError(f"--history: the title {tok!r} names several items {found}; give an item id instead")
+        out.append(found[0])
+    return out
+
+
+def cmd_recommend(args) -> int:
+    import pandas as pd
+
+    from genrec.model.recommender import GenerativeRecommender
+
+    run_dir = Path(args.run_dir)
+    items = pd.read_parquet(run_dir / "prepare" / "items.parquet")
+    history = resolve_history(items, args.history)
+    model_dir = run_dir / args.stage / "model"
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"{model_dir} not found: run the '{args.stage}' stage first")
+    rec = GenerativeRecommender.load(model_dir)
+    seen = set(history) if args.exclude_seen else set()
+    out = rec.recommend([history], num_beams=max(args.num_beams, args.k + len(seen)), k=args.k + len(seen))
+    print(f"history: {', '.join(f'{i} ({items.title[i][:40]})' for i in history)}\n")
+    print(f"{'rank':>4}  {'item_id':>7}  {'score':>8}  title")
+    rank = 0
+    for item, score in zip(out.items[0].tolist(), out.scores[0].tolist()):
+        if item < 0 or item in seen or rank >= args.k:
+            continue
+        rank += 1
+        print(f"{rank:>4}  {item:>7}  {score:>8.3f}  {items.title[item]}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from genrec.pipeline import STAGES
 
@@ -125,6 +172,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--force", action="append", default=[], metavar="STAGE")
     p.set_defaults(fn=cmd_multiseed)
+
+    p = sub.add_parser("recommend", help="recommend for an ad-hoc history from a trained run",
+                       description="Top-k items for a history given as item ids or exact titles, by trie-constrained "
+                                   "beam search with the run's SFT (or RL) model.")
+    p.add_argument("run_dir", help="a run directory with a trained model")
+    p.add_argument("--history", nargs="+", required=True, help="item ids or exact titles, oldest first")
+    p.add_argument("-k", type=int, default=10, help="how many items to return")
+    p.add_argument("--stage", default="sft", choices=["sft", "rl"], help="which model of the run")
+    p.add_argument("--num-beams", type=int, default=20)
+    p.add_argument("--include-seen", dest="exclude_seen", action="store_false", help="allow items of the history")
+    p.set_defaults(fn=cmd_recommend)
 
     data = sub.add_parser("data", help="dataset utilities").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("fetch", help="download a public dataset into the cache (ml-100k)",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -145,18 +146,27 @@ def run_stage(cfg: RunConfig, name: str, force: bool = False) -> dict:
         return read_json(final / "done.json")
     for dep in stage.inputs:
         if stage_status(cfg, dep) != "done":
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                raise RuntimeError(f"stage {name!r} needs {dep!r}: run it in one process before launching several")
             run_stage(cfg, dep)
     record = _stage_record(cfg, stage, run_dir)
     tmp = run_dir / f".{name}.tmp"
     work = run_dir / f".{name}.work"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    # Under `accelerate launch` / torchrun every process runs the stage function (training
+    # is data-parallel inside it), but only rank 0 keeps the books and moves the output.
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / "config.json", to_dict(cfg))
+    if rank == 0:
+        write_json(run_dir / "config.json", to_dict(cfg))
     log.info("stage %-10s running (%s)", name, stage.help)
     started = time.time()
     fn = load_stage_fn(stage)
     summary = fn(StageContext(cfg=cfg, run_dir=run_dir, stage=stage, out=tmp, work=work)) or {}
+    if rank != 0:
+        return record
     files = _files_of(tmp)
     record.update(
         files=files,
