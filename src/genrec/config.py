@@ -117,11 +117,15 @@ class SASRecConfig:
 class TextConfig:
     """Item text composition (stage ``text``)."""
 
-    # Template over item fields; missing fields are dropped with their label.
-    # Named templates: "default"; or a format string such as "{title}. {brand}. {categories}".
+    # Template over item fields; an empty field is dropped with its label (the text before it).
+    # Named templates (genrec.text.compose.TEMPLATES): "default", "title", "title_categories";
+    # or a format string such as "{title}. Brand: {brand}. {categories}".
     template: str = "default"
-    # Cap on characters per item text.
+    # Cap on characters per item text (cut on a word boundary).
     max_chars: int = 512
+
+    def __post_init__(self) -> None:
+        _check(self.max_chars >= 16, f"text.max_chars must be >= 16, got {self.max_chars}")
 
 
 @dataclass
@@ -131,9 +135,20 @@ class EmbedConfig:
     # "minilm" (the offline all-MiniLM-L6-v2 wheel), "st:<dir>" (sentence-transformers
     # directory), "hf:<dir>" (HF encoder, mean-pooled), "lm:<dir>" (causal LM, mean-pooled).
     encoder: str = "minilm"
+    # Texts per forward pass.
     batch_size: int = 128
+    # Longest input in tokens; longer texts are truncated.
+    max_tokens: int = 256
+    # "cpu", "cuda", ... (empty: cuda when available, else cpu).
+    device: str = ""
+    # L2-normalise every embedding (cosine geometry for the quantisers).
+    normalize: bool = True
     # Where per-text embeddings are cached by content hash (empty: <run_dir>/../.cache/embed).
     cache_dir: str = ""
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, f"embed.batch_size must be >= 1, got {self.batch_size}")
+        _check(self.max_tokens >= 8, f"embed.max_tokens must be >= 8, got {self.max_tokens}")
 
 
 @dataclass
@@ -163,42 +178,96 @@ class SIDConfig:
 
 @dataclass
 class ModelConfig:
-    """The causal-LM backbone."""
+    """The causal-LM backbone (see genrec.model.backbone and docs/sft.md)."""
 
     # "scratch" builds a small Qwen2 from the sizes below; otherwise a local directory
     # holding a pretrained Hugging Face checkpoint (never a hub name: nothing is downloaded).
     backbone: str = "scratch"
+    # Scratch model sizes (ignored for a pretrained backbone).
     hidden_size: int = 128
     num_layers: int = 4
     num_heads: int = 4
     num_kv_heads: int = 2
     intermediate_size: int = 512
-    # Size of the text vocabulary trained with `tokenizers` for the scratch model.
+    # Size of the byte-level BPE vocabulary trained with `tokenizers` on the item texts for
+    # the scratch model, special tokens and the 256 byte symbols included (SID tokens come on top).
     text_vocab_size: int = 2000
-    # LoRA (PEFT) on a pretrained backbone; 0 disables.
+    # LoRA (PEFT) on a pretrained backbone; 0 trains every weight.
     lora_r: int = 0
     lora_alpha: int = 16
     lora_dropout: float = 0.05
+    # Scratch model: attention dropout and residual dropout (embeddings, attention and MLP outputs).
     dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        _check(bool(self.backbone), "model.backbone must be 'scratch' or a local checkpoint directory")
+        _check(
+            self.hidden_size % self.num_heads == 0 and self.num_heads % self.num_kv_heads == 0,
+            "model.hidden_size must be divisible by model.num_heads, and num_heads by model.num_kv_heads",
+        )
+        _check(min(self.hidden_size, self.num_layers, self.intermediate_size) >= 1, "model sizes must be >= 1")
+        _check(self.text_vocab_size >= 1, f"model.text_vocab_size must be >= 1, got {self.text_vocab_size}")
+        _check(self.lora_r >= 0, f"model.lora_r must be >= 0 (0 disables LoRA), got {self.lora_r}")
+        _check(
+            self.lora_r == 0 or self.backbone != "scratch",
+            "model.lora_r > 0 needs a pretrained model.backbone directory; the scratch model trains every weight",
+        )
+        _check(0.0 <= self.dropout < 1.0 and 0.0 <= self.lora_dropout < 1.0, "model dropouts must be in [0, 1)")
 
 
 @dataclass
 class SFTConfig:
-    """Multi-task supervised fine-tuning (stage ``sft``)."""
+    """Multi-task supervised fine-tuning (stage ``sft``; see genrec.train.sft and docs/sft.md)."""
 
-    # Task name -> mixing weight; see genrec.tasks.TASKS.
+    # Task name -> mixing weight; see genrec.tasks.TASKS. Weight w draws round(w * n) of the
+    # task's n examples per epoch (1 = each once; 0.2 = a fresh fifth every epoch).
     tasks: dict[str, float] = field(default_factory=lambda: {"seqrec": 1.0})
+    # AdamW peak learning rate and weight decay (decay on matrices only).
     lr: float = 1e-3
     weight_decay: float = 0.01
-    batch_size: int = 64
+    # Padded tokens per batch and process (examples are grouped by length to waste little).
+    batch_tokens: int = 8192
     max_epochs: int = 50
+    # Linear warmup, then "cosine" or "linear" decay to 0 over max_epochs, or "constant".
     warmup_steps: int = 100
+    schedule: str = "cosine"
+    # Early stopping: stop after this many evaluations without a better valid NDCG@10.
     patience: int = 5
     eval_every: int = 1
-    # Users sampled from valid for early stopping (0 = all).
+    # Valid users sampled (once, from the seed) for early stopping (0 = all).
     eval_users: int = 1000
+    # Wall-clock budget of training in minutes (0 = none): no epoch starts that would overrun it.
     max_minutes: float = 0.0
     grad_clip: float = 1.0
+    # seqrec windows start every window_stride items from the end (0 = data.max_history):
+    # each target then sees at least max_history - window_stride + 1 items of history.
+    window_stride: int = 0
+    # titles2sid: how many recent items' titles form the prompt.
+    text_history: int = 10
+    # Cap on the tokens of one item text or title inside any task.
+    max_text_tokens: int = 48
+    # "auto" (bf16 on a GPU that supports it, else none), "no", "bf16" or "fp16".
+    mixed_precision: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check(bool(self.tasks), "sft.tasks must name at least one task, e.g. {seqrec: 1.0}")
+        _check(
+            all(w >= 0 for w in self.tasks.values()) and any(w > 0 for w in self.tasks.values()),
+            f"sft.tasks weights must be >= 0 with at least one > 0, got {self.tasks}",
+        )
+        _check(self.lr > 0 and self.weight_decay >= 0, "sft.lr must be > 0 and sft.weight_decay >= 0")
+        _check(self.batch_tokens >= 16, f"sft.batch_tokens must be >= 16, got {self.batch_tokens}")
+        _check(self.max_epochs >= 1 and self.eval_every >= 1 and self.patience >= 1,
+               "sft.max_epochs, sft.eval_every and sft.patience must be >= 1")
+        _check(self.warmup_steps >= 0, f"sft.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _check(self.schedule in ("cosine", "linear", "constant"),
+               f"sft.schedule must be 'cosine', 'linear' or 'constant', got {self.schedule!r}")
+        _check(self.eval_users >= 0 and self.max_minutes >= 0 and self.grad_clip >= 0,
+               "sft.eval_users, sft.max_minutes and sft.grad_clip must be >= 0")
+        _check(self.window_stride >= 0, f"sft.window_stride must be >= 0 (0 = data.max_history), got {self.window_stride}")
+        _check(self.text_history >= 1 and self.max_text_tokens >= 1, "sft.text_history and sft.max_text_tokens must be >= 1")
+        _check(self.mixed_precision in ("auto", "no", "bf16", "fp16"),
+               f"sft.mixed_precision must be 'auto', 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
 
 
 @dataclass
@@ -211,28 +280,75 @@ class DecodeConfig:
 
 @dataclass
 class RLConfig:
-    """GRPO-family post-training (stage ``rl``)."""
+    """GRPO-family post-training from the SFT checkpoint (stage ``rl``); see docs/rl.md."""
 
-    # Reward name -> weight; see genrec.train.rewards.REWARDS.
-    rewards: dict[str, float] = field(default_factory=lambda: {"exact": 1.0, "rank": 1.0})
-    # "grpo" or "bgae" (bonus-calibrated, for sparse successes).
+    # Reward name -> weight; see genrec.train.rewards.REWARDS. "rank" (MiniOneRec's
+    # rank-aware reward) already includes the exact hit.
+    rewards: dict[str, float] = field(default_factory=lambda: {"rank": 1.0})
+    # "grpo" (group-normalised) or "bgae" (GREAM's bonus-calibrated, for sparse successes).
     advantage: str = "grpo"
-    # "grpo" (sequence mean), "dapo" (token mean) or "gspo" (sequence-level ratio).
+    # BGAE's K: the subset size of its pass@K-style success estimate.
+    bgae_k: int = 4
+    # DAPO dynamic sampling: drop groups whose rewards are all equal (they have zero advantage).
+    dynamic_sampling: bool = True
+    # "grpo" (sequence mean, then batch mean), "dapo" (token mean over the batch) or "gspo"
+    # (sequence-level importance ratio; use a small clip_eps such as 3e-4).
     loss: str = "dapo"
-    # "beam" (the group is the beams of a constrained beam search) or "sample".
+    # "beam" (the group is the beams of a constrained beam search, in beam order) or
+    # "sample" (group_size constrained samples at `temperature`).
     rollout: str = "beam"
     group_size: int = 16
     temperature: float = 1.0
-    lr: float = 1e-5
+    lr: float = 5e-5
+    weight_decay: float = 0.0
+    # KL penalty to the frozen SFT model (k3 estimator); 0 skips the reference model.
     kl_coef: float = 1e-3
+    # Clip range of the importance ratio; clip_eps_high 0 means the same as clip_eps.
     clip_eps: float = 0.2
+    clip_eps_high: float = 0.0
+    # Dual clip (> 1, e.g. 10 as in GREAM) bounds the loss of negative-advantage tokens; 0 disables.
+    dual_clip: float = 0.0
+    # Gradient steps on each rollout batch (TRL's num_iterations); ratios differ from 1 only when > 1.
+    updates_per_rollout: int = 1
+    # Prompts per rollout batch, and per forward/backward chunk (0 = the whole batch).
     batch_size: int = 32
+    micro_batch_size: int = 0
+    grad_clip: float = 1.0
+    # Rollout batches (each followed by updates_per_rollout optimiser steps).
     steps: int = 200
+    # Training prompts per user: the last this-many training positions, each with its history.
+    targets_per_user: int = 3
+    # Evaluate valid NDCG@10 every this many steps (and at step 0); the best model is kept.
     eval_every: int = 50
+    # Valid users sampled for that evaluation (0 = all).
+    eval_users: int = 1000
+    # Save a resumable checkpoint every this many steps.
+    save_every: int = 10
+    # Wall-clock budget for training in minutes (0 = none).
     max_minutes: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check(self.advantage in ("grpo", "bgae"), f"rl.advantage must be 'grpo' or 'bgae', got {self.advantage!r}")
+        _check(self.loss in ("grpo", "dapo", "gspo"), f"rl.loss must be 'grpo', 'dapo' or 'gspo', got {self.loss!r}")
+        _check(self.rollout in ("beam", "sample"), f"rl.rollout must be 'beam' or 'sample', got {self.rollout!r}")
+        _check(bool(self.rewards), "rl.rewards must name at least one reward with its weight, e.g. {rank: 1.0}")
+        _check(self.group_size >= 2, f"rl.group_size must be >= 2 (advantages compare a group), got {self.group_size}")
+        _check(self.temperature > 0, f"rl.temperature must be > 0, got {self.temperature}")
+        _check(self.lr > 0 and self.kl_coef >= 0, "rl.lr must be > 0 and rl.kl_coef >= 0")
+        _check(self.clip_eps > 0 and self.clip_eps_high >= 0, "rl.clip_eps must be > 0 and rl.clip_eps_high >= 0")
+        _check(self.dual_clip == 0 or self.dual_clip > 1, f"rl.dual_clip must be 0 (off) or > 1, got {self.dual_clip}")
+        _check(self.bgae_k >= 1, f"rl.bgae_k must be >= 1, got {self.bgae_k}")
+        _check(min(self.updates_per_rollout, self.batch_size, self.steps, self.targets_per_user) >= 1,
+               "rl.updates_per_rollout, rl.batch_size, rl.steps and rl.targets_per_user must be >= 1")
+        _check(self.micro_batch_size >= 0 and self.eval_users >= 0, "rl.micro_batch_size and rl.eval_users must be >= 0")
+        _check(self.eval_every >= 1 and self.save_every >= 1, "rl.eval_every and rl.save_every must be >= 1")
 
 
 # --------------------------------------------------------------------------- the run
+
+# Sections that live beside their stage's code import ConfigError and _check from here,
+# so they are imported once those exist.
+from genrec.interests.config import InterestsConfig  # noqa: E402
 
 
 @dataclass
@@ -246,6 +362,7 @@ class RunConfig:
     # Stages `genrec run` executes, in order.
     stages: list[str] = field(default_factory=lambda: ["prepare", "popularity", "sasrec"])
     data: DataConfig = field(default_factory=DataConfig)
+    interests: InterestsConfig = field(default_factory=InterestsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     sasrec: SASRecConfig = field(default_factory=SASRecConfig)
     text: TextConfig = field(default_factory=TextConfig)

@@ -46,6 +46,8 @@ STAGES: dict[str, Stage] = {
         Stage("prepare", "genrec.data.prepare:run", ("data",), (), "read raw data, k-core, order, split, statistics"),
         Stage("popularity", "genrec.baselines.popularity:run", ("eval",), ("prepare",), "most-popular baseline"),
         Stage("sasrec", "genrec.baselines.sasrec:run", ("sasrec", "eval"), ("prepare",), "SASRec, full-softmax CE"),
+        Stage("interests", "genrec.interests.miner:run", ("interests",), ("prepare",),
+              "mine user and item interests with LLMs or the offline miner"),
         Stage("text", "genrec.text.compose:run", ("text",), ("prepare",), "compose each item's text"),
         Stage("embed", "genrec.text.encode:run", ("embed",), ("text",), "embed item texts"),
         Stage("sid", "genrec.sid.stage:run", ("sid",), ("embed", "prepare"), "quantise embeddings into Semantic IDs"),
