@@ -47,3 +47,10 @@ def test_every_shipped_config_loads(path):
     cfg = load_config(path)
     assert all(stage in STAGES for stage in cfg.stages)
     assert cfg.run_dir
+
+
+def test_float_strings_from_yaml_are_numbers():
+    cfg = load_config(None, ["run_dir=r", "sasrec.lr=1e-5"])
+    assert cfg.sasrec.lr == 1e-5
+    with pytest.raises(ConfigError, match="sasrec.lr: expected a number"):
+        load_config(None, ["run_dir=r", "sasrec.lr=fast"])

@@ -45,17 +45,17 @@ STAGES: dict[str, Stage] = {
     for s in [
         Stage("prepare", "genrec.data.prepare:run", ("data",), (), "read raw data, k-core, order, split, statistics"),
         Stage("popularity", "genrec.baselines.popularity:run", ("eval",), ("prepare",), "most-popular baseline"),
-        Stage("sasrec", "genrec.baselines.sasrec:run", ("sasrec", "eval"), ("prepare",), "SASRec, full-softmax CE"),
+        Stage("sasrec", "genrec.baselines.sasrec:run", ("data", "sasrec", "eval"), ("prepare",), "SASRec, full-softmax CE"),
         Stage("interests", "genrec.interests.miner:run", ("interests",), ("prepare",),
               "mine user and item interests with LLMs or the offline miner"),
         Stage("text", "genrec.text.compose:run", ("text",), ("prepare",), "compose each item's text"),
         Stage("embed", "genrec.text.encode:run", ("embed",), ("text",), "embed item texts"),
         Stage("sid", "genrec.sid.stage:run", ("sid",), ("embed", "prepare"), "quantise embeddings into Semantic IDs"),
-        Stage("sft", "genrec.train.sft:run", ("model", "sft", "decode", "eval"), ("prepare", "sid", "text"),
+        Stage("sft", "genrec.train.sft:run", ("data", "model", "sft", "decode", "eval"), ("prepare", "sid", "text"),
               "multi-task SFT of the generative recommender"),
-        Stage("eval", "genrec.eval.generative:run", ("decode", "eval"), ("prepare", "sid", "sft"),
+        Stage("eval", "genrec.eval.generative:run", ("data", "decode", "eval"), ("prepare", "sid", "sft"),
               "evaluate the SFT model with constrained beam search"),
-        Stage("rl", "genrec.train.rl:run", ("rl", "decode", "eval"), ("prepare", "sid", "sft"),
+        Stage("rl", "genrec.train.rl:run", ("data", "rl", "decode", "eval"), ("prepare", "sid", "sft"),
               "GRPO-family RL from the SFT checkpoint"),
     ]
 }
