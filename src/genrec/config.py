@@ -175,8 +175,10 @@ class SIDConfig:
     rqvae_lr: float = 1e-3
     rqvae_beta: float = 0.25
     rqvae_batch_size: int = 1024
-    # Lloyd iterations per level (k-means, its balanced refinement, and RQ-VAE's codebook init).
+    # Lloyd iterations per level (k-means, and RQ-VAE's codebook init).
     kmeans_iters: int = 25
+    # rkmeans_balanced: Lloyd iterations with the capped assignment after the plain k-means.
+    balanced_iters: int = 5
 
     def __post_init__(self) -> None:
         _check(
@@ -191,7 +193,10 @@ class SIDConfig:
             "(tokens are named <a_..> to <h_..>): lower sid.levels",
         )
         _check(self.pca_dim >= 0, f"sid.pca_dim must be >= 0 (0 disables the projection), got {self.pca_dim}")
-        _check(self.kmeans_iters >= 1 and self.rqvae_epochs >= 1, "sid.kmeans_iters and sid.rqvae_epochs must be >= 1")
+        _check(
+            self.kmeans_iters >= 1 and self.rqvae_epochs >= 1 and self.balanced_iters >= 0,
+            "sid.kmeans_iters and sid.rqvae_epochs must be >= 1, sid.balanced_iters >= 0",
+        )
 
 
 @dataclass
@@ -275,17 +280,30 @@ class SFTConfig:
         )
         _check(self.lr > 0 and self.weight_decay >= 0, "sft.lr must be > 0 and sft.weight_decay >= 0")
         _check(self.batch_tokens >= 16, f"sft.batch_tokens must be >= 16, got {self.batch_tokens}")
-        _check(self.max_epochs >= 1 and self.eval_every >= 1 and self.patience >= 1,
-               "sft.max_epochs, sft.eval_every and sft.patience must be >= 1")
+        _check(
+            self.max_epochs >= 1 and self.eval_every >= 1 and self.patience >= 1,
+            "sft.max_epochs, sft.eval_every and sft.patience must be >= 1",
+        )
         _check(self.warmup_steps >= 0, f"sft.warmup_steps must be >= 0, got {self.warmup_steps}")
-        _check(self.schedule in ("cosine", "linear", "constant"),
-               f"sft.schedule must be 'cosine', 'linear' or 'constant', got {self.schedule!r}")
-        _check(self.eval_users >= 0 and self.max_minutes >= 0 and self.grad_clip >= 0,
-               "sft.eval_users, sft.max_minutes and sft.grad_clip must be >= 0")
-        _check(self.window_stride >= 0, f"sft.window_stride must be >= 0 (0 = data.max_history), got {self.window_stride}")
-        _check(self.text_history >= 1 and self.max_text_tokens >= 1, "sft.text_history and sft.max_text_tokens must be >= 1")
-        _check(self.mixed_precision in ("auto", "no", "bf16", "fp16"),
-               f"sft.mixed_precision must be 'auto', 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
+        _check(
+            self.schedule in ("cosine", "linear", "constant"),
+            f"sft.schedule must be 'cosine', 'linear' or 'constant', got {self.schedule!r}",
+        )
+        _check(
+            self.eval_users >= 0 and self.max_minutes >= 0 and self.grad_clip >= 0,
+            "sft.eval_users, sft.max_minutes and sft.grad_clip must be >= 0",
+        )
+        _check(
+            self.window_stride >= 0, f"sft.window_stride must be >= 0 (0 = data.max_history), got {self.window_stride}"
+        )
+        _check(
+            self.text_history >= 1 and self.max_text_tokens >= 1,
+            "sft.text_history and sft.max_text_tokens must be >= 1",
+        )
+        _check(
+            self.mixed_precision in ("auto", "no", "bf16", "fp16"),
+            f"sft.mixed_precision must be 'auto', 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}",
+        )
 
 
 @dataclass
@@ -367,6 +385,7 @@ class RLConfig:
 # Sections that live beside their stage's code import ConfigError and _check from here,
 # so they are imported once those exist.
 from genrec.interests.config import InterestsConfig  # noqa: E402
+from genrec.methods.gream.config import GREAMConfig  # noqa: E402
 
 
 @dataclass
@@ -390,6 +409,7 @@ class RunConfig:
     sft: SFTConfig = field(default_factory=SFTConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     rl: RLConfig = field(default_factory=RLConfig)
+    gream: GREAMConfig = field(default_factory=GREAMConfig)
 
     def __post_init__(self) -> None:
         _check(bool(self.run_dir), "run_dir is required: set it in the YAML or pass run_dir=PATH")

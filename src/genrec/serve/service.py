@@ -1,0 +1,167 @@
+"""What the HTTP service serves: the item catalogue and a batched decoder over a trained run.
+
+``RecommendService.decode`` is the batch function of the micro-batcher: it takes many
+``Query`` objects and answers them with as few beam searches as it can. A query's beam
+width depends on the query alone (``beam_width``), never on what it was batched with, so
+a request gets the same items whether it was decoded alone or among 31 others.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+# Inference modes a run can serve: mode -> what it does. Reasoning and agent modes register here.
+MODES = {"direct": "trie-constrained beam search over the Semantic IDs"}
+
+
+class InputError(ValueError):
+    """A request names something that does not exist (answered with 422 and this message)."""
+
+
+@dataclass(frozen=True)
+class Query:
+    history: tuple[int, ...]  # item_ids, oldest first
+    k: int
+    exclude_seen: bool
+    mode: str = "direct"
+
+
+class Catalogue:
+    """Item ids, titles and SIDs; resolves titles to item ids."""
+
+    def __init__(self, items: pd.DataFrame, sids: Sequence[str]):
+        if not np.array_equal(items["item_id"].to_numpy(), np.arange(len(items))):
+            raise ValueError("items.item_id must be 0..N-1 in row order (a prepared items.parquet)")
+        if len(sids) != len(items):
+            raise ValueError(f"{len(sids)} SIDs for {len(items)} items: the model and the dataset disagree")
+        self.titles = items["title"].fillna("").astype(str).tolist()
+        self.sids = list(sids)
+        # Descriptive text columns shown by /items, besides the title.
+        self.attributes = {
+            col: items[col].fillna("").astype(str).tolist() for col in ("brand", "categories") if col in items.columns
+        }
+        self._lower = [t.strip().lower() for t in self.titles]
+        self._by_title: dict[str, list[int]] = {}
+        for item_id, title in enumerate(self._lower):
+            if title:
+                self._by_title.setdefault(title, []).append(item_id)
+
+    def __len__(self) -> int:
+        return len(self.titles)
+
+    def resolve(self, history: Sequence[int | str]) -> list[int]:
+        """Item ids for a history of item ids (int) and exact titles (str, case-insensitive)."""
+        out = []
+        for pos, entry in enumerate(history):
+            if isinstance(entry, int):
+                if not 0 <= entry < len(self):
+                    raise InputError(
+                        f"history[{pos}]: item_id {entry} does not exist (item ids are 0..{len(self) - 1})"
+                    )
+                out.append(entry)
+                continue
+            found = self._by_title.get(entry.strip().lower(), [])
+            if not found:
+                raise InputError(
+                    f"history[{pos}]: no item has the title {entry!r}; send an item_id or an exact title "
+                    "(GET /items?q=... finds titles)"
+                )
+            if len(found) > 1:
+                raise InputError(
+                    f"history[{pos}]: the title {entry!r} names several items {found[:10]}; send an item_id"
+                )
+            out.append(found[0])
+        return out
+
+    def item(self, item_id: int) -> dict:
+        if not 0 <= item_id < len(self):
+            raise KeyError(f"item_id {item_id} does not exist (item ids are 0..{len(self) - 1})")
+        return {
+            "item_id": item_id,
+            "title": self.titles[item_id],
+            "sid": self.sids[item_id],
+            "attributes": {col: values[item_id] for col, values in self.attributes.items()},
+        }
+
+    def search(self, text: str, limit: int) -> list[dict]:
+        """Items whose title contains ``text`` (case-insensitive), in item_id order."""
+        needle = text.strip().lower()
+        hits = [i for i, title in enumerate(self._lower) if needle in title][:limit]
+        return [self.item(i) for i in hits]
+
+
+class RecommendService:
+    """A trained recommender behind a catalogue; ``decode`` runs in the batch thread only."""
+
+    def __init__(self, recommender, catalogue: Catalogue, model_name: str, num_beams: int = 20):
+        if recommender.num_items != len(catalogue):
+            raise ValueError(f"the model knows {recommender.num_items} items but the catalogue has {len(catalogue)}")
+        self.recommender, self.catalogue, self.model_name = recommender, catalogue, model_name
+        self.num_beams = num_beams
+        self.modes = list(MODES)
+
+    def beam_width(self, query: Query) -> int:
+        """num_beams, doubled until the beams hold k items after dropping the excluded seen ones."""
+        need = query.k + (len(set(query.history)) if query.exclude_seen else 0)
+        width = self.num_beams
+        while width < need:
+            width *= 2
+        return width
+
+    def decode(self, queries: Sequence[Query]) -> list[list[tuple[int, float]]]:
+        """Per query, up to k (item_id, score) pairs, best first; one beam search per distinct width.
+
+        Grouping by width also groups by history length when seen items are excluded (a long
+        history needs wide beams), so little of a batch's compute goes to left-padding.
+        """
+        groups: dict[tuple[str, int], list[int]] = {}
+        for i, q in enumerate(queries):
+            if q.mode not in MODES:
+                raise ValueError(f"unknown inference mode {q.mode!r}; known: {sorted(MODES)}")
+            groups.setdefault((q.mode, self.beam_width(q)), []).append(i)
+        results: list[list[tuple[int, float]]] = [[] for _ in queries]
+        for (_, width), rows in groups.items():
+            out = self.recommender.recommend([list(queries[i].history) for i in rows], num_beams=width, k=width)
+            items, scores = out.items.cpu().tolist(), out.scores.cpu().tolist()  # (B, width) each
+            for row, i in enumerate(rows):
+                q = queries[i]
+                seen = set(q.history) if q.exclude_seen else set()
+                ranked = [(it, sc) for it, sc in zip(items[row], scores[row]) if it >= 0 and it not in seen]
+                results[i] = ranked[: q.k]
+        return results
+
+    def warm_up(self) -> None:
+        """One decode, so the first request does not pay for lazy initialisation."""
+        self.decode([Query((0,), 1, False)])
+
+
+def model_dir_for(run_dir: Path, model: str) -> tuple[str, Path]:
+    """(name, directory) of the run's model: ``model`` is "sft", "rl" or "auto" (rl when present)."""
+    if model == "auto":
+        model = "rl" if (run_dir / "rl" / "model" / "genrec.json").is_file() else "sft"
+    path = run_dir / model / "model"
+    if not (path / "genrec.json").is_file():
+        raise FileNotFoundError(f"{path} holds no trained model: run the '{model}' stage of {run_dir} first")
+    return model, path
+
+
+def load_service(run_dir: str | Path, model: str = "auto", device: str = "", num_beams: int = 20) -> RecommendService:
+    """The catalogue (``prepare/items.parquet``) and the run's trained model, checked against each other."""
+    from genrec.model.recommender import GenerativeRecommender
+
+    run_dir = Path(run_dir)
+    items_path = run_dir / "prepare" / "items.parquet"
+    if not items_path.is_file():
+        raise FileNotFoundError(f"{items_path} is missing: {run_dir} is not a prepared genrec run directory")
+    name, path = model_dir_for(run_dir, model)
+    recommender = GenerativeRecommender.load(path, device=device or None)
+    items = pd.read_parquet(items_path)
+    if len(items) != recommender.num_items:
+        raise ValueError(f"{path} was trained on {recommender.num_items} items but {items_path} has {len(items)}")
+    sids = [recommender.vocab.sid_string(codes) for codes in recommender.codes]
+    return RecommendService(recommender, Catalogue(items, sids), name, num_beams)
