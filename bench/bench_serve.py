@@ -10,7 +10,10 @@ overload run (many more clients than a small queue admits) to show the 503 path.
 
 Every answer is checked: 200 with exactly the items a one-at-a-time decode of the same
 request gives (computed in this process before the load starts), or 503 with Retry-After;
-anything else (a 500, a dropped connection, a timeout) counts as lost.
+anything else (a 500, a dropped connection, a timeout) counts as lost. The clients are a
+minimal HTTP/1.1 loop (``Connection``), so that on a small machine the load generator does
+not take the CPU the server is being measured with. Use ``--threads 1`` on a 2-core machine:
+more OpenMP threads than free cores makes both servers crawl.
 
     nice -n 10 python bench/bench_serve.py runs/beauty               # a run with a trained sft/ or rl/ model
     nice -n 10 python bench/bench_serve.py runs/beauty --random-model  # untrained weights of the default size
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import shlex
 import socket
@@ -89,6 +93,15 @@ def serve_only(args) -> None:
     serve(args.run_dir, cfg)
 
 
+def http_stack() -> str:
+    """What uvicorn's "auto" picks: httptools and uvloop when installed, else h11 and asyncio."""
+    import importlib.util
+
+    parser = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    return f"{parser} + {loop}"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -127,6 +140,21 @@ class Server:
     def __exit__(self, *exc) -> None:
         self.proc.terminate()  # SIGTERM: the graceful shutdown path
         self.proc.wait(60)
+
+    def counters(self) -> tuple[int, int]:
+        """(batches, requests decoded) so far, from /ready."""
+        import httpx
+
+        stats = httpx.get(f"{self.url}/ready", timeout=10).json()["batching"]
+        return stats["batches"], stats["completed"] + stats["failed"]
+
+    def measure(self, bodies, expected, concurrency: int, max_seconds: float) -> dict:
+        """One load level, with the mean batch size the server formed during it."""
+        batches, decoded = self.counters()
+        row = asyncio.run(load(self.port, bodies, expected, concurrency, max_seconds))
+        batches_after, decoded_after = self.counters()
+        row["mean_batch"] = (decoded_after - decoded) / max(batches_after - batches, 1)
+        return row
 
 
 class Connection:
@@ -230,14 +258,14 @@ def reference_answers(run_dir: Path, bodies: list[dict], num_beams: int) -> tupl
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| server | clients | sent | correct 200 | wrong 200 | 503 | lost | requests/s | p50 ms | p99 ms |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| server | clients | sent | correct 200 | wrong 200 | 503 | lost | answered/s | p50 ms | p99 ms | mean batch |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['server']} | {r['concurrency']} | {r['sent']} | {r['ok']} | {r['wrong']} | {r['503']} | "
             f"{r['lost']}{' ' + ','.join(r['lost_reasons']) if r['lost'] else ''} | {r['answered_per_s']:.1f} | "
-            f"{r['p50_ms']:.0f} | {r['p99_ms']:.0f} |"
+            f"{r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['mean_batch']:.1f} |"
         )
     return "\n".join(lines)
 
@@ -267,6 +295,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="genrec-bench-serve-") as tmp:
         run_dir = args.run_dir
         if args.random_model:
@@ -286,12 +315,12 @@ def main() -> None:
         with Server(run_dir, args, 32, 256, log) as batched, Server(run_dir, args, 1, 256, log) as single:
             for c in args.concurrency:
                 for server_name, server in (("micro-batched (32)", batched), ("one at a time", single)):
-                    row = asyncio.run(load(server.port, bodies, expected, c, args.max_seconds))
-                    rows.append({"server": server_name, **row})
+                    rows.append({"server": server_name, **server.measure(bodies, expected, c, args.max_seconds)})
                     print(table(rows[-1:]).splitlines()[-1], flush=True)
         if args.overload:
             with Server(run_dir, args, 32, args.overload_queue, log) as server:
-                row = asyncio.run(load(server.port, bodies, expected, args.overload, args.max_seconds))
+                overload = (bodies * 4, expected * 4)  # rejected requests return at once: send more
+                row = server.measure(*overload, args.overload, args.max_seconds)
                 rows.append({"server": f"micro-batched, max_queue {args.overload_queue}", **row})
                 print(table(rows[-1:]).splitlines()[-1], flush=True)
 
@@ -302,13 +331,14 @@ def main() -> None:
     header = (
         f"# Serving benchmark\n\n{args.run_dir.name}: {len(bodies)} test histories (last 20 items), k={args.k}, "
         f"exclude_seen, num_beams {args.num_beams}; {weights}; server: torch {torch.__version__} with "
-        f"{args.threads} thread(s), {platform.machine()}; client and server on the same machine (loopback).\n"
+        f"{args.threads} thread(s), uvicorn with {http_stack()}; {os.cpu_count()} CPUs ({platform.machine()}), "
+        f"load average {load_before:.1f} at the start; client and server on the same machine (loopback).\n"
     )
     text = (
-        f"{header}\n{table(rows)}\n\nMicro-batching at {top} clients: {speedup:.1f}x the requests/s of one-at-a-time "
-        f"decoding. 'correct 200': the same items as the request decoded alone; 'lost': a 5xx, a dropped "
-        f"connection or a timeout.\n\nCommand: `python bench/bench_serve.py {shlex.join(sys.argv[1:])}` "
-        "(under `nice -n 10`)\n"
+        f"{header}\n{table(rows)}\n\nMicro-batching at {top} clients: {speedup:.2f}x the requests/s of "
+        "one-at-a-time decoding. 'correct 200': the same items as the request decoded alone; 'lost': a 5xx, a "
+        "dropped connection or a timeout; 'mean batch': requests per beam-search batch the server formed.\n\n"
+        f"Command: `python bench/bench_serve.py {shlex.join(sys.argv[1:])}` (under `nice -n 10`)\n"
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)

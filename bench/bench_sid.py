@@ -97,6 +97,10 @@ def bench_one(emb, categories, cfg: SIDConfig, seed: int, repeat: bool) -> dict:
     return {**row, "quality": quality}
 
 
+def row_key(r: dict) -> tuple:
+    return r["dataset"], r["quantizer"], r["collision"], r["pca_dim"], r["seed"]
+
+
 def fmt(v, spec: str) -> str:
     return "n/a" if v is None else format(v, spec)
 
@@ -133,17 +137,23 @@ def write_markdown(rows: list[dict], embeds: dict, commands: list[str]) -> str:
         "pairs with the same first-level code that share the top-level category (Beauty: 2nd path "
         "element, Scientific: 1st) vs all pairs; lift = ratio. Time = fit + assignment + resolution.",
         "",
-        "| dataset | quantizer | pca | collision | coll. rate | max group | SID len | util L0/L1/L2 | "
-        "perplexity L0/L1/L2 | recon rel | coherence (lift) | wall s | CPU s | same seed | save/load |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| dataset | quantizer | pca | seed | collision | coll. rate | max group | resolution | SID len | "
+        "util L0/L1/L2 | perplexity L0/L1/L2 | recon rel | coherence (lift) | wall s | CPU s | same seed | save/load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in sorted(rows, key=lambda r: (r["dataset"], r["quantizer"], r["collision"], r["pca_dim"])):
+    for r in sorted(rows, key=row_key):
         q = r["quality"]
         use = q["usage"][:3]
         co = q.get("coherence", {})
+        res = q["resolution"]
+        how = (
+            f"extra level of {res['extra_level_size']}"
+            if res["strategy"] == "dedup"
+            else f"{res['changed_by_sinkhorn']} re-assigned, {res['moved_to_nearest_free']} to nearest free"
+        )
         lines.append(
             f"| {r['dataset']} | {r['quantizer']} | {r['pca_dim'] if r['quantizer'] != 'rqvae' else '-'} | "
-            f"{r['collision']} | {q['collision_rate']:.4f} | {q['resolution']['before']['max_group']} | "
+            f"{r['seed']} | {r['collision']} | {q['collision_rate']:.4f} | {res['before']['max_group']} | {how} | "
             f"{q['levels']} | {'/'.join(format(u['utilisation'], '.2f') for u in use)} | "
             f"{'/'.join(format(u['perplexity'], '.0f') for u in use)} | {q['recon_rel']:.3f} | "
             f"{co.get('same_category_same_code', float('nan')):.3f} vs {co.get('same_category_random', float('nan')):.3f} "
@@ -214,10 +224,8 @@ def main() -> int:
                         f"save/load {row['save_load_identical']}",
                         flush=True,
                     )
-                    key = (name, quantizer, collision, pca)
-                    saved["rows"] = [
-                        r for r in saved["rows"] if (r["dataset"], r["quantizer"], r["collision"], r["pca_dim"]) != key
-                    ] + [row]
+                    key = (name, quantizer, collision, pca, args.seed)
+                    saved["rows"] = [r for r in saved["rows"] if row_key(r) != key] + [row]
                     store.write_text(json.dumps(saved, indent=1, default=float))
     (RESULTS / "sid.md").write_text(write_markdown(saved["rows"], saved["embed"], saved["commands"]))
     print(f"wrote {RESULTS / 'sid.md'}")

@@ -32,8 +32,17 @@ def test_sasrec_padding_does_not_change_the_representation():
 
 
 def test_sasrec_learns_a_deterministic_pattern_and_resumes(tiny_dataset, tmp_path):
-    cfg = SASRecConfig(hidden_size=16, num_layers=1, num_heads=2, dropout=0.0, max_epochs=4, eval_every=1,
-                       patience=100, batch_size=16, lr=5e-3)
+    cfg = SASRecConfig(
+        hidden_size=16,
+        num_layers=1,
+        num_heads=2,
+        dropout=0.0,
+        max_epochs=4,
+        eval_every=1,
+        patience=100,
+        batch_size=16,
+        lr=5e-3,
+    )
     m1, curves1 = train_sasrec(tiny_dataset, cfg, 5, seed=1, work_dir=tmp_path / "a")
     assert curves1[-1]["loss"] < curves1[0]["loss"]
     # Stop after 2 epochs, then resume to 4: same weights as the uninterrupted run.

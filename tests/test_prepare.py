@@ -9,8 +9,9 @@ from genrec.data.raw import BadLineReport, Interaction, RawSource
 
 def source_of(rows, items=None, has_timestamps=True):
     items = items if items is not None else [{"item": i, "title": f"T{i}"} for i in {r[1] for r in rows}]
-    return RawSource(lambda: (Interaction(*r) for r in rows), lambda: iter(items), has_timestamps, BadLineReport(),
-                     "test rows")
+    return RawSource(
+        lambda: (Interaction(*r) for r in rows), lambda: iter(items), has_timestamps, BadLineReport(), "test rows"
+    )
 
 
 def test_deduplicate_keeps_earliest():
@@ -51,7 +52,7 @@ def test_loo_and_chrono_split_positions():
 def test_prepare_end_to_end_reindexes_and_reports_missing_titles():
     rows = []
     for u in range(6):
-        for j, i in enumerate([1, 2, 3, 4, 5][u % 2:] + [10]):
+        for j, i in enumerate([1, 2, 3, 4, 5][u % 2 :] + [10]):
             rows.append((f"u{u}", str(i), float(j)))
     rows.append(("u0", "1", 99.0))  # duplicate, later: dropped
     items = [{"item": str(i), "title": "" if i == 3 else f"T{i}", "brand": "B"} for i in [1, 2, 3, 4, 5, 10]]

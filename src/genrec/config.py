@@ -19,15 +19,12 @@ from typing import Any
 
 import yaml
 
+from genrec.errors import ConfigError
+from genrec.errors import check as _check
 
-class ConfigError(ValueError):
-    """A config value is missing, unknown, of the wrong type or out of range."""
-
-
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ConfigError(msg)
-
+# Sections that live beside their stage's code.
+from genrec.interests.config import InterestsConfig
+from genrec.methods.gream.config import GREAMConfig
 
 # --------------------------------------------------------------------------- stages
 
@@ -59,7 +56,10 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check(self.protocol in ("loo", "chrono"), f"data.protocol must be 'loo' or 'chrono', got {self.protocol!r}")
-        _check(self.on_bad_line in ("error", "skip"), f"data.on_bad_line must be 'error' or 'skip', got {self.on_bad_line!r}")
+        _check(
+            self.on_bad_line in ("error", "skip"),
+            f"data.on_bad_line must be 'error' or 'skip', got {self.on_bad_line!r}",
+        )
         _check(self.max_history >= 1, f"data.max_history must be >= 1, got {self.max_history}")
         _check(self.kcore >= 0, f"data.kcore must be >= 0, got {self.kcore}")
         _check(
@@ -185,7 +185,10 @@ class SIDConfig:
             self.quantizer in ("rqvae", "rkmeans", "rkmeans_balanced"),
             f"sid.quantizer must be rqvae, rkmeans or rkmeans_balanced, got {self.quantizer!r}",
         )
-        _check(self.collision in ("sinkhorn", "dedup"), f"sid.collision must be 'sinkhorn' or 'dedup', got {self.collision!r}")
+        _check(
+            self.collision in ("sinkhorn", "dedup"),
+            f"sid.collision must be 'sinkhorn' or 'dedup', got {self.collision!r}",
+        )
         _check(self.levels >= 1 and self.codebook_size >= 2, "sid.levels must be >= 1 and sid.codebook_size >= 2")
         _check(
             self.levels + (self.collision == "dedup") <= 8,
@@ -374,18 +377,17 @@ class RLConfig:
         _check(self.clip_eps > 0 and self.clip_eps_high >= 0, "rl.clip_eps must be > 0 and rl.clip_eps_high >= 0")
         _check(self.dual_clip == 0 or self.dual_clip > 1, f"rl.dual_clip must be 0 (off) or > 1, got {self.dual_clip}")
         _check(self.bgae_k >= 1, f"rl.bgae_k must be >= 1, got {self.bgae_k}")
-        _check(min(self.updates_per_rollout, self.batch_size, self.steps, self.targets_per_user) >= 1,
-               "rl.updates_per_rollout, rl.batch_size, rl.steps and rl.targets_per_user must be >= 1")
-        _check(self.micro_batch_size >= 0 and self.eval_users >= 0, "rl.micro_batch_size and rl.eval_users must be >= 0")
+        _check(
+            min(self.updates_per_rollout, self.batch_size, self.steps, self.targets_per_user) >= 1,
+            "rl.updates_per_rollout, rl.batch_size, rl.steps and rl.targets_per_user must be >= 1",
+        )
+        _check(
+            self.micro_batch_size >= 0 and self.eval_users >= 0, "rl.micro_batch_size and rl.eval_users must be >= 0"
+        )
         _check(self.eval_every >= 1 and self.save_every >= 1, "rl.eval_every and rl.save_every must be >= 1")
 
 
 # --------------------------------------------------------------------------- the run
-
-# Sections that live beside their stage's code import ConfigError and _check from here,
-# so they are imported once those exist.
-from genrec.interests.config import InterestsConfig  # noqa: E402
-from genrec.methods.gream.config import GREAMConfig  # noqa: E402
 
 
 @dataclass
@@ -481,9 +483,7 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise ConfigError(
-            f"unknown config key {prefix}{unknown[0]!s}; valid keys here: {', '.join(sorted(names))}"
-        )
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]!s}; valid keys here: {', '.join(sorted(names))}")
     kwargs = {name: _coerce(v, hints[name], prefix + name) for name, v in values.items()}
     try:
         return cls(**kwargs)

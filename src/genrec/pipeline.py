@@ -18,9 +18,10 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from genrec.config import RunConfig, config_hash, to_dict
 from genrec.io import read_json, sha256_file, write_json
@@ -45,18 +46,61 @@ STAGES: dict[str, Stage] = {
     for s in [
         Stage("prepare", "genrec.data.prepare:run", ("data",), (), "read raw data, k-core, order, split, statistics"),
         Stage("popularity", "genrec.baselines.popularity:run", ("eval",), ("prepare",), "most-popular baseline"),
-        Stage("sasrec", "genrec.baselines.sasrec:run", ("data", "sasrec", "eval"), ("prepare",), "SASRec, full-softmax CE"),
-        Stage("interests", "genrec.interests.miner:run", ("interests",), ("prepare",),
-              "mine user and item interests with LLMs or the offline miner"),
+        Stage(
+            "sasrec", "genrec.baselines.sasrec:run", ("data", "sasrec", "eval"), ("prepare",), "SASRec, full-softmax CE"
+        ),
+        Stage(
+            "interests",
+            "genrec.interests.miner:run",
+            ("interests",),
+            ("prepare",),
+            "mine user and item interests with LLMs or the offline miner",
+        ),
         Stage("text", "genrec.text.compose:run", ("text",), ("prepare",), "compose each item's text"),
         Stage("embed", "genrec.text.encode:run", ("embed",), ("text",), "embed item texts"),
         Stage("sid", "genrec.sid.stage:run", ("sid",), ("embed", "prepare"), "quantise embeddings into Semantic IDs"),
-        Stage("sft", "genrec.train.sft:run", ("data", "model", "sft", "decode", "eval"), ("prepare", "sid", "text"),
-              "multi-task SFT of the generative recommender"),
-        Stage("eval", "genrec.eval.generative:run", ("data", "decode", "eval"), ("prepare", "sid", "sft"),
-              "evaluate the SFT model with constrained beam search"),
-        Stage("rl", "genrec.train.rl:run", ("data", "rl", "decode", "eval"), ("prepare", "sid", "sft"),
-              "GRPO-family RL from the SFT checkpoint"),
+        Stage(
+            "sft",
+            "genrec.train.sft:run",
+            ("data", "model", "sft", "decode", "eval"),
+            ("prepare", "sid", "text"),
+            "multi-task SFT of the generative recommender",
+        ),
+        Stage(
+            "eval",
+            "genrec.eval.generative:run",
+            ("data", "decode", "eval"),
+            ("prepare", "sid", "sft"),
+            "evaluate the SFT model with constrained beam search",
+        ),
+        Stage(
+            "rl",
+            "genrec.train.rl:run",
+            ("data", "rl", "decode", "eval"),
+            ("prepare", "sid", "sft"),
+            "GRPO-family RL from the SFT checkpoint",
+        ),
+        Stage(
+            "gream_sft",
+            "genrec.methods.gream.stage:run_sft",
+            ("data", "model", "sft", "decode", "eval", "gream", "interests"),
+            ("prepare", "sid", "text"),
+            "GREAM: alignment tasks + reasoning curriculum SFT",
+        ),
+        Stage(
+            "gream_eval",
+            "genrec.methods.gream.stage:run_eval",
+            ("data", "decode", "eval", "gream"),
+            ("prepare", "sid", "gream_sft"),
+            "GREAM: evaluate direct and reasoning modes",
+        ),
+        Stage(
+            "gream_rl",
+            "genrec.methods.gream.stage:run_rl",
+            ("data", "rl", "decode", "eval", "gream"),
+            ("prepare", "sid", "gream_sft"),
+            "GREAM: SRPO (RSVR reward + BGAE advantage)",
+        ),
     ]
 }
 
@@ -76,7 +120,9 @@ class StageContext:
         """The finished output directory of an upstream stage."""
         path = self.run_dir / name
         if not (path / "done.json").is_file():
-            raise FileNotFoundError(f"stage {self.stage.name!r} needs stage {name!r}, which has not run in {self.run_dir}")
+            raise FileNotFoundError(
+                f"stage {self.stage.name!r} needs stage {name!r}, which has not run in {self.run_dir}"
+            )
         return path
 
     @property

@@ -20,6 +20,7 @@ def popularity_ranker(dataset: Dataset):
 
 def run(ctx) -> dict:
     dataset = Dataset.load(ctx.input("prepare"), ctx.cfg.data.max_history)
-    result = evaluate(popularity_ranker(dataset), dataset, ctx.cfg.eval, ctx.out / "eval", seed=ctx.seed,
-                      model_name="popularity")
+    result = evaluate(
+        popularity_ranker(dataset), dataset, ctx.cfg.eval, ctx.out / "eval", seed=ctx.seed, model_name="popularity"
+    )
     return {"test_ndcg@10": result["test"]["ndcg@10"], "test_hr@10": result["test"]["hr@10"]}

@@ -34,15 +34,23 @@ log = logging.getLogger("genrec")
 class SASRec(nn.Module):
     """Item ids are shifted by one inside the model: 0 is padding."""
 
-    def __init__(self, num_items: int, max_len: int, hidden_size: int = 64, num_layers: int = 2,
-                 num_heads: int = 2, dropout: float = 0.5):
+    def __init__(
+        self,
+        num_items: int,
+        max_len: int,
+        hidden_size: int = 64,
+        num_layers: int = 2,
+        num_heads: int = 2,
+        dropout: float = 0.5,
+    ):
         super().__init__()
         self.num_items, self.max_len = num_items, max_len
         self.item_emb = nn.Embedding(num_items + 1, hidden_size, padding_idx=0)
         self.pos_emb = nn.Embedding(max_len, hidden_size)
         self.emb_dropout = nn.Dropout(dropout)
-        layer = nn.TransformerEncoderLayer(hidden_size, num_heads, 4 * hidden_size, dropout, activation="gelu",
-                                           batch_first=True, norm_first=True)
+        layer = nn.TransformerEncoderLayer(
+            hidden_size, num_heads, 4 * hidden_size, dropout, activation="gelu", batch_first=True, norm_first=True
+        )
         self.encoder = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
         self.final_norm = nn.LayerNorm(hidden_size)
         self.apply(self._init)
@@ -78,9 +86,9 @@ class SASRec(nn.Module):
         device = self.item_emb.weight.device
         seq = torch.zeros(len(histories), self.max_len, dtype=torch.long, device=device)
         for b, h in enumerate(histories):
-            h = np.asarray(h)[-self.max_len:]
+            h = np.asarray(h)[-self.max_len :]
             if len(h):
-                seq[b, -len(h):] = torch.as_tensor(h + 1, device=device)
+                seq[b, -len(h) :] = torch.as_tensor(h + 1, device=device)
         return seq
 
     @torch.no_grad()
@@ -94,9 +102,14 @@ class SASRec(nn.Module):
         return self.item_logits(self.encode(histories))
 
     def save(self, path: str | Path) -> None:
-        cfg = {"num_items": self.num_items, "max_len": self.max_len, "hidden_size": self.item_emb.embedding_dim,
-               "num_layers": len(self.encoder.layers), "num_heads": self.encoder.layers[0].self_attn.num_heads,
-               "dropout": self.emb_dropout.p}
+        cfg = {
+            "num_items": self.num_items,
+            "max_len": self.max_len,
+            "hidden_size": self.item_emb.embedding_dim,
+            "num_layers": len(self.encoder.layers),
+            "num_heads": self.encoder.layers[0].self_attn.num_heads,
+            "dropout": self.emb_dropout.p,
+        }
         torch.save({"config": cfg, "state_dict": self.state_dict()}, path)
 
     @classmethod
@@ -118,19 +131,20 @@ def training_windows(train_seqs: list[np.ndarray], max_len: int) -> tuple[np.nda
         s = np.asarray(seq) + 1
         end = len(s)
         while end >= 2:
-            w = s[max(0, end - max_len - 1):end]
+            w = s[max(0, end - max_len - 1) : end]
             row_in = np.zeros(max_len, dtype=np.int64)
             row_tg = np.zeros(max_len, dtype=np.int64)
-            row_in[max_len - len(w) + 1:] = w[:-1]
-            row_tg[max_len - len(w) + 1:] = w[1:]
+            row_in[max_len - len(w) + 1 :] = w[:-1]
+            row_tg[max_len - len(w) + 1 :] = w[1:]
             inputs.append(row_in)
             targets.append(row_tg)
             end -= max_len
     return np.stack(inputs), np.stack(targets)
 
 
-def train_sasrec(dataset: Dataset, cfg: SASRecConfig, max_history: int, seed: int, work_dir: Path,
-                 eval_batch: int = 512) -> tuple[SASRec, list[dict]]:
+def train_sasrec(
+    dataset: Dataset, cfg: SASRecConfig, max_history: int, seed: int, work_dir: Path, eval_batch: int = 512
+) -> tuple[SASRec, list[dict]]:
     """Train with early stopping on valid NDCG@10; resumes from ``work_dir/checkpoint.pt``."""
     from tqdm import tqdm
 
@@ -166,7 +180,7 @@ def train_sasrec(dataset: Dataset, cfg: SASRecConfig, max_history: int, seed: in
         perm = torch.randperm(len(inputs_t), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
         total, count = 0.0, 0
         for start in range(0, len(perm), cfg.batch_size):
-            idx = perm[start:start + cfg.batch_size]
+            idx = perm[start : start + cfg.batch_size]
             seq, tgt = inputs_t[idx], targets_t[idx]
             h = model(seq)  # (B, T, H)
             keep = tgt > 0
@@ -181,11 +195,17 @@ def train_sasrec(dataset: Dataset, cfg: SASRecConfig, max_history: int, seed: in
         row = {"epoch": epoch + 1, "loss": total / max(count, 1)}
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.max_epochs:
             model.eval()
-            ranked = np.concatenate([
-                topk_from_scores(model.score(valid.histories[s:s + eval_batch]), valid.seen[s:s + eval_batch], 10,
-                                 exclude_seen=True)
-                for s in range(0, len(valid), eval_batch)
-            ])
+            ranked = np.concatenate(
+                [
+                    topk_from_scores(
+                        model.score(valid.histories[s : s + eval_batch]),
+                        valid.seen[s : s + eval_batch],
+                        10,
+                        exclude_seen=True,
+                    )
+                    for s in range(0, len(valid), eval_batch)
+                ]
+            )
             ndcg = ndcg_at_k(target_ranks(ranked, valid.targets), 10)
             row["valid_ndcg@10"] = ndcg
             if ndcg > state["best"]:
@@ -198,12 +218,24 @@ def train_sasrec(dataset: Dataset, cfg: SASRecConfig, max_history: int, seed: in
         bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.3f}", best=f"{state['best']:.4f}")
         tmp = ckpt_path.with_suffix(".tmp")
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "state": state, "best_model": best_state,
-                    "rng": torch.get_rng_state()}, tmp)
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "opt": opt.state_dict(),
+                "state": state,
+                "best_model": best_state,
+                "rng": torch.get_rng_state(),
+            },
+            tmp,
+        )
         tmp.replace(ckpt_path)
         if state["bad_evals"] >= cfg.patience:
-            log.info("sasrec: early stop at epoch %d (best valid ndcg@10 %.4f at %d)", epoch + 1, state["best"],
-                     state["best_epoch"])
+            log.info(
+                "sasrec: early stop at epoch %d (best valid ndcg@10 %.4f at %d)",
+                epoch + 1,
+                state["best"],
+                state["best_epoch"],
+            )
             break
         if cfg.max_minutes and state["seconds"] > 60 * cfg.max_minutes:
             log.info("sasrec: stopping at the %.1f-minute budget", cfg.max_minutes)
@@ -225,8 +257,14 @@ def run(ctx) -> dict:
     train_seconds = time.time() - started
     model.save(ctx.out / "model.pt")
     write_json(ctx.out / "curves.json", curves)
-    result = evaluate(lambda h: model.score(h), dataset, ctx.cfg.eval, ctx.out / "eval", seed=ctx.seed,
-                      model_name="sasrec")
+    result = evaluate(
+        lambda h: model.score(h), dataset, ctx.cfg.eval, ctx.out / "eval", seed=ctx.seed, model_name="sasrec"
+    )
     best = max((r.get("valid_ndcg@10", -1) for r in curves), default=-1)
-    return {"test_ndcg@10": result["test"]["ndcg@10"], "test_hr@10": result["test"]["hr@10"],
-            "best_valid_ndcg@10": best, "epochs": len(curves), "train_seconds": round(train_seconds, 1)}
+    return {
+        "test_ndcg@10": result["test"]["ndcg@10"],
+        "test_hr@10": result["test"]["hr@10"],
+        "best_valid_ndcg@10": best,
+        "epochs": len(curves),
+        "train_seconds": round(train_seconds, 1),
+    }

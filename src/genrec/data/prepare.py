@@ -111,7 +111,9 @@ def split_positions(
     return valid_pos, test_pos, info
 
 
-def build_sequences(users: np.ndarray, items: np.ndarray, times: np.ndarray) -> tuple[list[int], list[np.ndarray], list[np.ndarray]]:
+def build_sequences(
+    users: np.ndarray, items: np.ndarray, times: np.ndarray
+) -> tuple[list[int], list[np.ndarray], list[np.ndarray]]:
     """Group by user in time order; ties keep file order (the input order), i.e. a stable sort."""
     order = np.lexsort((np.arange(len(users)), times, users))
     u, i, t = users[order], items[order], times[order]
@@ -225,11 +227,24 @@ def prepare(source: RawSource, cfg: DataConfig) -> tuple[pd.DataFrame, pd.DataFr
 
 
 def format_stats(stats: dict) -> str:
-    keys = ["users", "items", "interactions", "avg_length", "max_length", "density", "duplicates_dropped",
-            "kcore_dropped", "valid_users", "test_users", "items_without_title"]
+    keys = [
+        "users",
+        "items",
+        "interactions",
+        "avg_length",
+        "max_length",
+        "density",
+        "duplicates_dropped",
+        "kcore_dropped",
+        "valid_users",
+        "test_users",
+        "items_without_title",
+    ]
     width = max(len(k) for k in keys)
-    lines = [f"  {k:<{width}}  {stats[k]:.6g}" if isinstance(stats[k], float) else f"  {k:<{width}}  {stats[k]:,}"
-             for k in keys]
+    lines = [
+        f"  {k:<{width}}  {stats[k]:.6g}" if isinstance(stats[k], float) else f"  {k:<{width}}  {stats[k]:,}"
+        for k in keys
+    ]
     skipped = sum(stats["bad_lines_skipped"].values())
     if skipped:
         lines.append(f"  {'bad_lines_skipped':<{width}}  {skipped:,}")

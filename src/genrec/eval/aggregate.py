@@ -10,7 +10,17 @@ import numpy as np
 from genrec.config import RunConfig
 from genrec.io import atomic_write_text, read_json, write_json
 
-METRIC_DIRS = {"popularity": "popularity/eval", "sasrec": "sasrec/eval", "sft": "eval", "sft+rl": "rl/eval"}
+# Table row name -> where its metrics.json lives in a run directory.
+METRIC_DIRS = {
+    "popularity": "popularity/eval",
+    "sasrec": "sasrec/eval",
+    "sft": "eval",
+    "sft+rl": "rl/eval",
+    "gream (direct)": "gream_eval/direct",
+    "gream (reasoning)": "gream_eval/reasoning",
+    "gream+srpo (direct)": "gream_rl/eval/direct",
+    "gream+srpo (reasoning)": "gream_rl/eval/reasoning",
+}
 
 
 def collect(run_dirs: list[Path], split: str = "test") -> dict[str, dict[str, list[float]]]:
@@ -30,8 +40,15 @@ def collect(run_dirs: list[Path], split: str = "test") -> dict[str, dict[str, li
 
 def summarise(values: dict[str, dict[str, list[float]]]) -> dict:
     return {
-        model: {k: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, "n": len(v),
-                    "values": v} for k, v in metrics.items()}
+        model: {
+            k: {
+                "mean": float(np.mean(v)),
+                "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0,
+                "n": len(v),
+                "values": v,
+            }
+            for k, v in metrics.items()
+        }
         for model, metrics in values.items()
     }
 

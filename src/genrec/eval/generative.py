@@ -42,10 +42,13 @@ def evaluate_model_dir(ctx, model_dir, out_dir, name: str) -> dict:
         from dataclasses import replace
 
         eval_cfg = replace(eval_cfg, batch_size=ctx.cfg.decode.batch_size)
-    result = evaluate(beam_ranker(recommender, num_beams), dataset, eval_cfg, out_dir, seed=ctx.seed,
-                      model_name=name)
-    return {"test_ndcg@10": result["test"]["ndcg@10"], "test_hr@10": result["test"]["hr@10"],
-            "num_beams": num_beams, "ms_per_user": result["test"]["ms_per_user"]}
+    result = evaluate(beam_ranker(recommender, num_beams), dataset, eval_cfg, out_dir, seed=ctx.seed, model_name=name)
+    return {
+        "test_ndcg@10": result["test"]["ndcg@10"],
+        "test_hr@10": result["test"]["hr@10"],
+        "num_beams": num_beams,
+        "ms_per_user": result["test"]["ms_per_user"],
+    }
 
 
 def run(ctx) -> dict:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from genrec.config import _check
+from genrec.errors import check as _check
 
 BACKEND_KINDS = ("openai", "hf", "offline")
 

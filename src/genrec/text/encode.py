@@ -97,7 +97,9 @@ class TextEncoder:
             self.model = SentenceTransformer(str(self.path), device=self.device, local_files_only=True)
             self.model.max_seq_length = min(self.model.max_seq_length or max_tokens, max_tokens)
             # sentence-transformers 5.x renamed get_sentence_embedding_dimension; both exist in between.
-            get_dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+            get_dim = (
+                getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+            )
             self.dim = int(get_dim())
         else:
             from transformers import AutoModel, AutoTokenizer

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from genrec.config import _check
+from genrec.errors import check as _check
 from genrec.interests.config import BackendConfig
 
 
