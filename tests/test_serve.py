@@ -364,30 +364,25 @@ def test_openapi_fuzz(service):
         # An invalid body may also be rejected for its size (413) before it is validated.
         "negative_data_rejection": {"expected-statuses": [400, 401, 413, 422]},
     }
+    # The key goes through schemathesis' auth config, so that it also sends requests without it.
+    auth = {"openapi": {"APIKeyHeader": {"api_key": KEY}}}
     statuses = collections.Counter()
+
+    def call(case):
+        statuses[case.method, case.path, case.call_and_validate().status_code] += 1
+
     cfg = ServeConfig(num_beams=8, max_k=20, max_history_items=50, api_key=KEY)
     with ServerThread(create_app(service, cfg), cfg) as url:
-        # The key through schemathesis' auth config, so that it can also send requests without it.
-        auth = {"openapi": {"APIKeyHeader": {"api_key": KEY}}}
-        schema = schemathesis.openapi.from_url(
-            f"{url}/openapi.json", config=schemathesis.Config.from_dict({"checks": checks, "auth": auth})
-        )
+        config = schemathesis.Config.from_dict({"checks": checks, "auth": auth})
+        schema = schemathesis.openapi.from_url(f"{url}/openapi.json", config=config)
         for mode in (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE):
-
-            @given(case=schema.as_strategy(generation_mode=mode))
-            @settings(
-                max_examples=100,
-                deadline=None,
-                suppress_health_check=list(HealthCheck),
-                database=None,
-                derandomize=True,
-            )
-            def check(case):
-                statuses[case.method, case.path, case.call_and_validate().status_code] += 1
-
-            check()
-        # Generated titles name no item, so successful recommendations come from explicit cases.
+            given(case=schema.as_strategy(generation_mode=mode))(
+                settings(max_examples=100, deadline=None, database=None, derandomize=True,
+                         suppress_health_check=list(HealthCheck))(call)
+            )()  # fmt: skip
+        # Generated titles name no item, so the successful recommendations come from explicit cases.
         recommend = schema["/recommend"]["POST"]
         for body in ({"history": [1, 2, "item 5 title"], "k": 3}, {"history": [0], "exclude_seen": False, "k": 20}):
-            check.hypothesis.inner_test(recommend.Case(body=body))
+            call(recommend.Case(body=body))
     assert statuses["POST", "/recommend", 200] == 2 and statuses["POST", "/recommend", 422] > 0, statuses
+    assert statuses["POST", "/recommend", 401] > 0  # requests without the key were tried, and refused

@@ -137,6 +137,22 @@ def cmd_recommend(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from genrec.serve.app import serve
+    from genrec.serve.config import load_serve_config
+
+    serve(args.run_dir, load_serve_config(args.overrides, host=args.host, port=args.port))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from genrec.eval.report import write_report
+
+    path = write_report(args.run_dirs, args.out)
+    print(f"report: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from genrec.pipeline import STAGES
 
@@ -217,6 +233,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-beams", type=int, default=20)
     p.add_argument("--include-seen", dest="exclude_seen", action="store_false", help="allow items of the history")
     p.set_defaults(fn=cmd_recommend)
+
+    p = sub.add_parser("serve", help="serve a trained run over HTTP (FastAPI; see docs/serving.md)",
+                       description="Serve recommendations from RUN_DIR's model: POST /recommend, GET /items/{id}, "
+                                   "/health, /ready, OpenAPI docs at /docs. Concurrent requests are micro-batched "
+                                   "into one beam search. The API key comes from $GENREC_API_KEY or api_key=...; "
+                                   "it is required when binding to a non-loopback address.")
+    p.add_argument("run_dir")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("overrides", nargs="*", help="ServeConfig KEY=VALUE (max_batch_size=32 max_queue=256 ...)")
+    p.set_defaults(fn=cmd_serve)
+
+    p = sub.add_parser("report", help="an HTML report and a Markdown summary of one or more runs",
+                       description="Plots (training and reward curves, metrics with 95% intervals beside the "
+                                   "baselines, SID codebook usage) and a comparison table across runs.")
+    p.add_argument("run_dirs", nargs="+")
+    p.add_argument("--out", default="report.html", help="the HTML file; the Markdown summary goes beside it (.md)")
+    p.set_defaults(fn=cmd_report)
 
     data = sub.add_parser("data", help="dataset utilities").add_subparsers(dest="data_command", required=True)
     p = data.add_parser(

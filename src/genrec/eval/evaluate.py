@@ -37,7 +37,10 @@ def topk_from_scores(scores, seen: Sequence[np.ndarray], k: int, exclude_seen: b
     """Top-k item ids per row of ``scores`` (B, N), seen items removed when asked; ties by item id."""
     import torch
 
-    scores = torch.as_tensor(scores, dtype=torch.float32).clone()
+    if isinstance(scores, torch.Tensor):
+        scores = scores.to(torch.float32).clone()
+    else:  # a copy: the ranker's array may be read-only (a broadcast view)
+        scores = torch.from_numpy(np.array(scores, dtype=np.float32))
     if exclude_seen:
         rows = np.concatenate([np.full(len(s), b) for b, s in enumerate(seen)]) if len(seen) else np.zeros(0)
         cols = np.concatenate(seen) if len(seen) else np.zeros(0)
