@@ -234,20 +234,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--include-seen", dest="exclude_seen", action="store_false", help="allow items of the history")
     p.set_defaults(fn=cmd_recommend)
 
-    p = sub.add_parser("serve", help="serve a trained run over HTTP (FastAPI; see docs/serving.md)",
-                       description="Serve recommendations from RUN_DIR's model: POST /recommend, GET /items/{id}, "
-                                   "/health, /ready, OpenAPI docs at /docs. Concurrent requests are micro-batched "
-                                   "into one beam search. The API key comes from $GENREC_API_KEY or api_key=...; "
-                                   "it is required when binding to a non-loopback address.")
+    p = sub.add_parser(
+        "serve",
+        help="serve a trained run over HTTP (FastAPI; see docs/serving.md)",
+        description="Serve recommendations from RUN_DIR's model: POST /recommend, GET /items/{id}, "
+        "/health, /ready, OpenAPI docs at /docs. Concurrent requests are micro-batched "
+        "into one beam search. The API key comes from $GENREC_API_KEY or api_key=...; "
+        "it is required when binding to a non-loopback address.",
+    )
     p.add_argument("run_dir")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("overrides", nargs="*", help="ServeConfig KEY=VALUE (max_batch_size=32 max_queue=256 ...)")
     p.set_defaults(fn=cmd_serve)
 
-    p = sub.add_parser("report", help="an HTML report and a Markdown summary of one or more runs",
-                       description="Plots (training and reward curves, metrics with 95% intervals beside the "
-                                   "baselines, SID codebook usage) and a comparison table across runs.")
+    p = sub.add_parser(
+        "report",
+        help="an HTML report and a Markdown summary of one or more runs",
+        description="Plots (training and reward curves, metrics with 95% intervals beside the "
+        "baselines, SID codebook usage) and a comparison table across runs.",
+    )
     p.add_argument("run_dirs", nargs="+")
     p.add_argument("--out", default="report.html", help="the HTML file; the Markdown summary goes beside it (.md)")
     p.set_defaults(fn=cmd_report)

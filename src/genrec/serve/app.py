@@ -273,7 +273,7 @@ def create_app(service: RecommendService, cfg: ServeConfig) -> FastAPI:
         dependencies=auth,
         responses={**errors, 404: {"model": ErrorBody, "description": "no such item"}},
     )
-    async def get_item(item_id: Annotated[int, PathParam(ge=0, le=2**31)]) -> Item:
+    async def get_item(item_id: Annotated[int, PathParam(ge=0)]) -> Item:
         """One item by id."""
         try:
             return Item(**service.catalogue.item(item_id))
