@@ -148,13 +148,18 @@ class Server:
         stats = httpx.get(f"{self.url}/ready", timeout=10).json()["batching"]
         return stats["batches"], stats["completed"] + stats["failed"]
 
-    def measure(self, bodies, expected, concurrency: int, max_seconds: float) -> dict:
-        """One load level, with the mean batch size the server formed during it."""
+    def measure(self, bodies, expected, concurrency: int, max_seconds: float) -> tuple[list, float, int, int]:
+        """One round of a load level: its results, wall time, and the batches and requests the server decoded."""
         batches, decoded = self.counters()
-        row = asyncio.run(load(self.port, bodies, expected, concurrency, max_seconds))
+        results, wall = asyncio.run(load(self.port, bodies, expected, concurrency, max_seconds))
         batches_after, decoded_after = self.counters()
-        row["mean_batch"] = (decoded_after - decoded) / max(batches_after - batches, 1)
-        return row
+        return results, wall, batches_after - batches, decoded_after - decoded
+
+
+def level_row(concurrency: int, measured: list[tuple[list, float, int, int]]) -> dict:
+    """The table row of a level from its rounds (``Server.measure`` results)."""
+    mean_batch = sum(m[3] for m in measured) / max(sum(m[2] for m in measured), 1)
+    return summarize(concurrency, [(m[0], m[1]) for m in measured], mean_batch)
 
 
 class Connection:
@@ -191,8 +196,8 @@ class Connection:
             self.reader = self.writer = None
 
 
-async def load(port: int, bodies: list[dict], expected: list[list[int]], concurrency: int, max_seconds: float) -> dict:
-    """``concurrency`` closed-loop clients over ``bodies``; every answer classified."""
+async def load(port: int, bodies: list[dict], expected: list[list[int]], concurrency: int, max_seconds: float):
+    """``concurrency`` closed-loop clients over ``bodies``: ([(kind, seconds, reason)], wall seconds)."""
     next_index, results = 0, []
     started = time.perf_counter()
 
@@ -220,9 +225,15 @@ async def load(port: int, bodies: list[dict], expected: list[list[int]], concurr
         await conn.close()
 
     await asyncio.gather(*(client() for _ in range(concurrency)))
-    wall = time.perf_counter() - started
+    return results, time.perf_counter() - started
+
+
+def summarize(concurrency: int, rounds: list[tuple[list, float]], mean_batch: float) -> dict:
+    """One table row from the rounds of a level: counts summed, latencies pooled, rate the median round."""
+    results = [r for round_results, _ in rounds for r in round_results]
     kinds = [r[0] for r in results]
-    ok_ms = np.array([1000 * s for kind, s, _ in results if kind in ("ok", "wrong")])
+    answered_ms = np.array([1000 * s for kind, s, _ in results if kind in ("ok", "wrong")])
+    rates = [sum(r[0] in ("ok", "wrong") for r in rr) / wall for rr, wall in rounds]
     return {
         "concurrency": concurrency,
         "sent": len(results),
@@ -231,10 +242,11 @@ async def load(port: int, bodies: list[dict], expected: list[list[int]], concurr
         "503": kinds.count("503"),
         "lost": kinds.count("lost"),
         "lost_reasons": sorted({r[2] for r in results if r[0] == "lost"}),
-        "seconds": wall,
-        "answered_per_s": (kinds.count("ok") + kinds.count("wrong")) / wall,
-        "p50_ms": float(np.percentile(ok_ms, 50)) if len(ok_ms) else float("nan"),
-        "p99_ms": float(np.percentile(ok_ms, 99)) if len(ok_ms) else float("nan"),
+        "answered_per_s": float(np.median(rates)),
+        "rates": rates,
+        "p50_ms": float(np.percentile(answered_ms, 50)) if len(answered_ms) else float("nan"),
+        "p99_ms": float(np.percentile(answered_ms, 99)) if len(answered_ms) else float("nan"),
+        "mean_batch": mean_batch,
     }
 
 
@@ -274,8 +286,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir", type=Path, help="a run directory with prepare/ (and a trained model, or --random-model)")
     p.add_argument("--random-model", action="store_true", help="an untrained default-size model over the run's items")
-    p.add_argument("--requests", type=int, default=256, help="requests per load level, at most")
-    p.add_argument("--max-seconds", type=float, default=60, help="time per load level, at most")
+    p.add_argument("--requests", type=int, default=256, help="requests per load level and round, at most")
+    p.add_argument("--max-seconds", type=float, default=60, help="time per load level and round, at most")
+    p.add_argument("--rounds", type=int, default=3, help="rounds per level, the two servers taking turns")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--overload", type=int, default=128, help="clients of the overload run (0 skips it)")
     p.add_argument("--overload-queue", type=int, default=16, help="max_queue of the overload run")
@@ -313,20 +326,31 @@ def main() -> None:
         # Both servers stay up (the idle one costs nothing) and take turns at each level, so a
         # change in the machine's load hits both alike.
         with Server(run_dir, args, 32, 256, log) as batched, Server(run_dir, args, 1, 256, log) as single:
+            servers = {"micro-batched (32)": batched, "one at a time": single}
             for c in args.concurrency:
-                for server_name, server in (("micro-batched (32)", batched), ("one at a time", single)):
-                    rows.append({"server": server_name, **server.measure(bodies, expected, c, args.max_seconds)})
+                rounds = {name: [] for name in servers}
+                for _ in range(args.rounds):
+                    for name, server in servers.items():
+                        rounds[name].append(server.measure(bodies, expected, c, args.max_seconds))
+                for name, measured in rounds.items():
+                    rows.append({"server": name, **level_row(c, measured)})
                     print(table(rows[-1:]).splitlines()[-1], flush=True)
         if args.overload:
             with Server(run_dir, args, 32, args.overload_queue, log) as server:
-                overload = (bodies * 4, expected * 4)  # rejected requests return at once: send more
-                row = server.measure(*overload, args.overload, args.max_seconds)
+                # Rejected requests return at once, so the overload run sends more.
+                row = level_row(
+                    args.overload, [server.measure(bodies * 4, expected * 4, args.overload, args.max_seconds)]
+                )
                 rows.append({"server": f"micro-batched, max_queue {args.overload_queue}", **row})
                 print(table(rows[-1:]).splitlines()[-1], flush=True)
 
     by = {(r["server"], r["concurrency"]): r["answered_per_s"] for r in rows}
     top = max(args.concurrency)
     speedup = by[("micro-batched (32)", top)] / by[("one at a time", top)]
+    rates = {(r["server"], r["concurrency"]): r["rates"] for r in rows}
+    per_round = ", ".join(
+        f"{b / s:.2f}x" for b, s in zip(rates[("micro-batched (32)", top)], rates[("one at a time", top)])
+    )
     weights = "untrained weights, default scratch size" if args.random_model else f"the run's {model_name} model"
     header = (
         f"# Serving benchmark\n\n{args.run_dir.name}: {len(bodies)} test histories (last 20 items), k={args.k}, "
@@ -336,8 +360,10 @@ def main() -> None:
     )
     text = (
         f"{header}\n{table(rows)}\n\nMicro-batching at {top} clients: {speedup:.2f}x the requests/s of "
-        "one-at-a-time decoding. 'correct 200': the same items as the request decoded alone; 'lost': a 5xx, a "
-        "dropped connection or a timeout; 'mean batch': requests per beam-search batch the server formed.\n\n"
+        f"one-at-a-time decoding (per round: {per_round}). {args.rounds} rounds per level, the two servers "
+        "taking turns; 'answered/s' is the median round, latencies are pooled over the rounds. 'correct 200': "
+        "the same items as the request decoded alone; 'lost': a 5xx, a dropped connection or a timeout; "
+        "'mean batch': requests per beam-search batch the server formed.\n\n"
         f"Command: `python bench/bench_serve.py {shlex.join(sys.argv[1:])}` (under `nice -n 10`)\n"
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)

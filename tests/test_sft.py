@@ -122,6 +122,41 @@ def test_resume_after_a_kill_ends_with_exactly_the_weights_of_an_uninterrupted_r
         assert straight[key] == resumed[key]
 
 
+def test_a_checkpoint_resumes_only_under_the_same_config(tiny_dataset, tmp_path):
+    codes, texts = tiny_inputs(tiny_dataset)
+    work = tmp_path / "work"
+
+    def kill(row, model):
+        raise Killed
+
+    with pytest.raises(Killed):
+        train_sft(config("sft.max_epochs=2"), tiny_dataset, codes, texts, tmp_path / "out", work, on_epoch_end=kill)
+    epochs = []
+    # A longer time budget is no reason to start over ...
+    train_sft(
+        config("sft.max_epochs=2", "sft.max_minutes=60.0"),
+        tiny_dataset,
+        codes,
+        texts,
+        tmp_path / "out",
+        work,
+        on_epoch_end=lambda row, model: epochs.append(row["epoch"]),
+    )
+    assert epochs == [2]
+    # ... another learning rate is: its checkpoints would resume a different run.
+    epochs.clear()
+    train_sft(
+        config("sft.max_epochs=2", "sft.lr=0.005"),
+        tiny_dataset,
+        codes,
+        texts,
+        tmp_path / "out",
+        work,
+        on_epoch_end=lambda row, model: epochs.append(row["epoch"]),
+    )
+    assert epochs == [1, 2]
+
+
 def test_early_stopping_and_the_time_budget(tiny_dataset, tmp_path):
     codes, texts = tiny_inputs(tiny_dataset)
     # A learning rate this small leaves the ranking unchanged: no improvement, stop after patience=1.

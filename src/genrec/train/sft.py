@@ -28,14 +28,14 @@ import math
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from genrec.config import ConfigError, RunConfig
+from genrec.config import ConfigError, RunConfig, config_hash
 from genrec.data.dataset import Dataset, Examples
 from genrec.io import atomic_write_text, read_json, write_json
 
@@ -239,6 +239,7 @@ def train_sft(
     # cpu=True where there is no GPU, so that torchrun / accelerate launch run DDP over gloo.
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=_mixed_precision(sft.mixed_precision))
     work_dir.mkdir(parents=True, exist_ok=True)
+    _reset_stale_work_dir(accelerator, work_dir, _fingerprint(cfg, dataset, codes, item_texts, task_names))
     set_seed(cfg.seed)
     if is_scratch(cfg.model):
         tokenizer = _prepare_tokenizer(cfg, accelerator, work_dir, codebook_sizes, task_names, item_texts)
@@ -417,6 +418,42 @@ def train_sft(
         write_json(out_dir / "train_summary.json", summary)
     accelerator.wait_for_everyone()
     return summary
+
+
+def _fingerprint(cfg: RunConfig, dataset: Dataset, codes: np.ndarray, item_texts: list[str], task_names) -> str:
+    """What a checkpoint is only valid for: the config (bar the time budget) and the data it trains on."""
+    import hashlib
+
+    data = hashlib.sha256(codes.tobytes())
+    for seq in dataset.train_sequences():
+        data.update(seq.tobytes() + b"|")
+    data.update("\n".join(item_texts).encode())
+    sft = {k: v for k, v in asdict(cfg.sft).items() if k != "max_minutes"}
+    return config_hash(
+        {
+            "seed": cfg.seed,
+            "model": asdict(cfg.model),
+            "sft": sft,
+            "max_history": cfg.data.max_history,
+            "tasks": list(task_names),
+            "data": data.hexdigest(),
+        }
+    )
+
+
+def _reset_stale_work_dir(accelerator, work_dir: Path, fingerprint: str) -> None:
+    """Empty ``work_dir`` when its checkpoints were made under another config or data, so nothing stale resumes."""
+    marker = work_dir / "fingerprint.json"
+    if accelerator.is_main_process:
+        if marker.is_file() and read_json(marker).get("fingerprint") != fingerprint:
+            log.warning("sft: %s holds checkpoints of another config or data; starting over", work_dir)
+            for path in work_dir.iterdir():
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+        write_json(marker, {"fingerprint": fingerprint})
+    accelerator.wait_for_everyone()
 
 
 def _check_codes(codes: np.ndarray, num_items: int) -> np.ndarray:
