@@ -264,7 +264,7 @@ def reference_answers(run_dir: Path, bodies: list[dict], num_beams: int) -> tupl
     from genrec.serve.service import Query, load_service
 
     service = load_service(run_dir, num_beams=num_beams)
-    answers = [[i for i, _ in service.decode([Query(tuple(b["history"]), b["k"], True)])[0]] for b in bodies]
+    answers = [[i for i, _ in service.decode([Query(tuple(b["history"]), b["k"], True)])[0].items] for b in bodies]
     return answers, service.model_name
 
 

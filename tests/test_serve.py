@@ -32,9 +32,8 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    """A run directory with prepare/items.parquet and a tiny untrained sft/model (a real GenerativeRecommender)."""
+def build_run(run_dir, tasks=()):
+    """prepare/items.parquet and a tiny untrained sft/model (a real GenerativeRecommender) with these task heads."""
     from genrec.config import ModelConfig
     from genrec.model.backbone import build_scratch_model
     from genrec.model.prompt import PromptFormat
@@ -43,24 +42,28 @@ def run_dir(tmp_path_factory):
     from genrec.model.vocab import SIDVocab
     from genrec.sid.trie import SIDTrie
 
-    run_dir = tmp_path_factory.mktemp("run")
     items, _ = make_dataset_frames(num_items=NUM_ITEMS)
     items.loc[29, "title"] = items.loc[28, "title"]  # two items share a title
-    (run_dir / "prepare").mkdir()
+    (run_dir / "prepare").mkdir(parents=True)
     items.to_parquet(run_dir / "prepare" / "items.parquet", index=False)
 
     flat = np.random.default_rng(0).choice(CODEBOOK**LEVELS, size=NUM_ITEMS, replace=False)
     codes = np.stack([flat // CODEBOOK**2, flat // CODEBOOK % CODEBOOK, flat % CODEBOOK], axis=1)
     sizes = [CODEBOOK] * LEVELS
-    tokenizer = build_scratch_tokenizer(items["title"].tolist(), 300, sizes, [])
+    tokenizer = build_scratch_tokenizer(items["title"].tolist(), 300, sizes, list(tasks))
     cfg = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64, dropout=0.0)
     model = build_scratch_model(cfg, tokenizer, seed=0).eval()
     vocab = SIDVocab.from_tokenizer(tokenizer, sizes)
-    rec = GenerativeRecommender(
-        model, tokenizer, vocab, SIDTrie(codes, sizes), codes, PromptFormat.markers(tokenizer, []), max_history=5
+    fmt = PromptFormat.markers(tokenizer, list(tasks))
+    GenerativeRecommender(model, tokenizer, vocab, SIDTrie(codes, sizes), codes, fmt, max_history=5).save(
+        run_dir / "sft" / "model"
     )
-    rec.save(run_dir / "sft" / "model")
     return run_dir
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return build_run(tmp_path_factory.mktemp("run"))
 
 
 @pytest.fixture(scope="module")
@@ -201,6 +204,24 @@ def test_invalid_requests_get_4xx_saying_what_is_wrong(service, body, status, sa
     assert says in res.json()["detail"], res.json()["detail"]
 
 
+def test_reasoning_mode_when_the_model_was_trained_for_it(tmp_path):
+    from genrec.methods.gream.reasoning import reasoning_recommend
+    from genrec.methods.gream.tasks import REASON_TASK
+
+    reasoning = load_service(build_run(tmp_path / "run", [REASON_TASK]), num_beams=8, max_think_tokens=3)
+    assert reasoning.modes == ["direct", "reasoning"]
+    with client(reasoning) as c:
+        res = c.post("/recommend", json={"history": [3, 7], "k": 4, "mode": "reasoning"})
+        assert res.status_code == 200, res.text
+        body = res.json()
+        assert body["mode"] == "reasoning" and body["rationale"].startswith("<think>")
+        assert body["rationale"].endswith("[forced]")  # an untrained model never closes its rationale in 3 tokens
+        ids = [it["item_id"] for it in body["items"]]
+        out, _ = reasoning_recommend(reasoning.recommender, [[3, 7]], k=8, max_think_tokens=3, num_beams=8)
+        assert ids == [i for i in out.items[0].tolist() if i not in (3, 7)][:4]
+        assert c.post("/recommend", json={"history": [3, 7], "k": 4}).json()["rationale"] is None
+
+
 def test_malformed_json_is_a_422(service):
     with client(service) as c:
         res = c.post("/recommend", content=b"{not json", headers={"content-type": "application/json"})
@@ -284,7 +305,7 @@ def test_concurrent_requests_are_decoded_in_one_batch(service):
     assert len(gate.calls) <= 3 and sum(gate.calls) == 16, gate.calls
     assert batcher.largest_batch >= 8
     for body, res in zip(bodies, responses):
-        alone = service.decode([Query(tuple(body["history"]), 4, True)])[0]
+        alone = service.decode([Query(tuple(body["history"]), 4, True)])[0].items
         got = [(it["item_id"], it["score"]) for it in res.json()["items"]]
         assert [i for i, _ in got] == [i for i, _ in alone]
         np.testing.assert_allclose([s for _, s in got], [s for _, s in alone], atol=1e-4)
@@ -375,8 +396,9 @@ def test_openapi_fuzz(service):
     with ServerThread(create_app(service, cfg), cfg) as url:
         config = schemathesis.Config.from_dict({"checks": checks, "auth": auth})
         schema = schemathesis.openapi.from_url(f"{url}/openapi.json", config=config)
-        fuzz = settings(max_examples=60, deadline=None, database=None, derandomize=True,
-                        suppress_health_check=list(HealthCheck))  # fmt: skip
+        fuzz = settings(
+            max_examples=60, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck)
+        )
         for mode in (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE):
             given(case=schema.as_strategy(generation_mode=mode))(fuzz(lambda case: call(case)))()
         # Generated titles name no item, so the successful recommendations come from explicit cases.

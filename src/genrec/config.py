@@ -252,7 +252,7 @@ class SFTConfig:
     lr: float = 1e-3
     weight_decay: float = 0.01
     # Padded tokens per batch and process (examples are grouped by length to waste little).
-    batch_tokens: int = 8192
+    batch_tokens: int = 4096
     max_epochs: int = 50
     # Linear warmup, then "cosine" or "linear" decay to 0 over max_epochs, or "constant".
     warmup_steps: int = 100

@@ -62,6 +62,7 @@ class RecommendResponse(BaseModel):
     mode: str
     exclude_seen: bool
     model: str = Field(description="which model of the run answered: sft or rl")
+    rationale: str | None = Field(None, description="reasoning mode: the model's rationale, <think> first")
 
 
 class Item(BaseModel):
@@ -252,19 +253,20 @@ def create_app(service: RecommendService, cfg: ServeConfig) -> FastAPI:
         """The top-k items for a history, by constrained beam search; concurrent requests are batched."""
         history = service.catalogue.resolve(body.history)
         try:
-            ranked = await batcher.submit(Query(tuple(history), body.k, body.exclude_seen, body.mode))
+            answer = await batcher.submit(Query(tuple(history), body.k, body.exclude_seen, body.mode))
         except QueueFull as exc:
             return _error(503, str(exc), {"Retry-After": str(exc.retry_after)})
         except ShuttingDown as exc:
             return _error(503, str(exc), {"Retry-After": str(SHUTDOWN_RETRY_AFTER)})
         cat = service.catalogue
         return RecommendResponse(
-            items=[RecommendedItem(item_id=i, title=cat.titles[i], sid=cat.sids[i], score=s) for i, s in ranked],
+            items=[RecommendedItem(item_id=i, title=cat.titles[i], sid=cat.sids[i], score=s) for i, s in answer.items],
             history=history,
             k=body.k,
             mode=body.mode,
             exclude_seen=body.exclude_seen,
             model=service.model_name,
+            rationale=answer.rationale,
         )
 
     @app.get(
@@ -326,7 +328,7 @@ def serve(run_dir: str | Path, cfg: ServeConfig) -> None:
     """Load the run's model and serve it until SIGINT/SIGTERM (then finish requests in flight)."""
     import uvicorn
 
-    service = load_service(run_dir, cfg.model, cfg.device, cfg.num_beams)
+    service = load_service(run_dir, cfg.model, cfg.device, cfg.num_beams, cfg.max_think_tokens)
     app = create_app(service, cfg)
     print(
         f"genrec: serving {run_dir} ({service.model_name} model) on http://{cfg.host}:{cfg.port}  docs: /docs"

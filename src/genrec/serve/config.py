@@ -45,6 +45,8 @@ class ServeConfig:
     # Beams of the constrained beam search; a request needing more candidates (k plus the
     # seen items it excludes) doubles it until it has enough.
     num_beams: int = 20
+    # Reasoning mode (GREAM-trained models): the rationale's token budget.
+    max_think_tokens: int = 48
     # Largest k a request may ask for.
     max_k: int = 100
     # Longest history a request may send (the model reads its last data.max_history items;
@@ -70,7 +72,10 @@ class ServeConfig:
 
         check(0 <= self.port <= 65535, f"serve.port must be in 0..65535, got {self.port}")
         check(self.model in ("auto", "sft", "rl"), f"serve.model must be 'auto', 'sft' or 'rl', got {self.model!r}")
-        check(self.num_beams >= 1 and self.max_k >= 1, "serve.num_beams and serve.max_k must be >= 1")
+        check(
+            min(self.num_beams, self.max_k, self.max_think_tokens) >= 1,
+            "serve.num_beams, serve.max_k and serve.max_think_tokens must be >= 1",
+        )
         check(self.max_history_items >= 1, f"serve.max_history_items must be >= 1, got {self.max_history_items}")
         check(self.max_batch_size >= 1 and self.max_queue >= 1, "serve.max_batch_size and serve.max_queue must be >= 1")
         check(

@@ -15,8 +15,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-# Inference modes a run can serve: mode -> what it does. Reasoning and agent modes register here.
-MODES = {"direct": "trie-constrained beam search over the Semantic IDs"}
+# Inference modes: mode -> what it does. A run serves those its model was trained for
+# (``RecommendService.modes``); the agent mode registers here when it exists.
+MODES = {
+    "direct": "trie-constrained beam search over the Semantic IDs",
+    "reasoning": "a greedy rationale first (models trained with GREAM's gream_reason task), then the beam search",
+}
 
 
 class InputError(ValueError):
@@ -29,6 +33,12 @@ class Query:
     k: int
     exclude_seen: bool
     mode: str = "direct"
+
+
+@dataclass
+class Answer:
+    items: list[tuple[int, float]]  # (item_id, score), best first, at most k
+    rationale: str | None = None  # the reasoning mode's rationale text
 
 
 class Catalogue:
@@ -98,12 +108,14 @@ class Catalogue:
 class RecommendService:
     """A trained recommender behind a catalogue; ``decode`` runs in the batch thread only."""
 
-    def __init__(self, recommender, catalogue: Catalogue, model_name: str, num_beams: int = 20):
+    def __init__(
+        self, recommender, catalogue: Catalogue, model_name: str, num_beams: int = 20, max_think_tokens: int = 48
+    ):
         if recommender.num_items != len(catalogue):
             raise ValueError(f"the model knows {recommender.num_items} items but the catalogue has {len(catalogue)}")
         self.recommender, self.catalogue, self.model_name = recommender, catalogue, model_name
-        self.num_beams = num_beams
-        self.modes = list(MODES)
+        self.num_beams, self.max_think_tokens = num_beams, max_think_tokens
+        self.modes = ["direct"] + (["reasoning"] if _has_reasoning(recommender) else [])
 
     def beam_width(self, query: Query) -> int:
         """num_beams, doubled until the beams hold k items after dropping the excluded seen ones."""
@@ -113,31 +125,46 @@ class RecommendService:
             width *= 2
         return width
 
-    def decode(self, queries: Sequence[Query]) -> list[list[tuple[int, float]]]:
-        """Per query, up to k (item_id, score) pairs, best first; one beam search per distinct width.
+    def decode(self, queries: Sequence[Query]) -> list[Answer]:
+        """Per query, up to k items, best first; one decode per (mode, beam width) in the batch.
 
         Grouping by width also groups by history length when seen items are excluded (a long
         history needs wide beams), so little of a batch's compute goes to left-padding.
         """
         groups: dict[tuple[str, int], list[int]] = {}
         for i, q in enumerate(queries):
-            if q.mode not in MODES:
-                raise ValueError(f"unknown inference mode {q.mode!r}; known: {sorted(MODES)}")
+            if q.mode not in self.modes:
+                raise ValueError(f"inference mode {q.mode!r} is not served by this run; it serves {self.modes}")
             groups.setdefault((q.mode, self.beam_width(q)), []).append(i)
-        results: list[list[tuple[int, float]]] = [[] for _ in queries]
-        for (_, width), rows in groups.items():
-            out = self.recommender.recommend([list(queries[i].history) for i in rows], num_beams=width, k=width)
+        answers: list[Answer] = [Answer([]) for _ in queries]
+        for (mode, width), rows in groups.items():
+            histories = [list(queries[i].history) for i in rows]
+            rationales: list[str | None] = [None] * len(rows)
+            if mode == "reasoning":
+                from genrec.methods.gream.reasoning import reasoning_recommend
+
+                out, rationales = reasoning_recommend(
+                    self.recommender, histories, k=width, max_think_tokens=self.max_think_tokens, num_beams=width
+                )
+            else:
+                out = self.recommender.recommend(histories, num_beams=width, k=width)
             items, scores = out.items.cpu().tolist(), out.scores.cpu().tolist()  # (B, width) each
             for row, i in enumerate(rows):
                 q = queries[i]
                 seen = set(q.history) if q.exclude_seen else set()
                 ranked = [(it, sc) for it, sc in zip(items[row], scores[row]) if it >= 0 and it not in seen]
-                results[i] = ranked[: q.k]
-        return results
+                answers[i] = Answer(ranked[: q.k], rationales[row])
+        return answers
 
     def warm_up(self) -> None:
-        """One decode, so the first request does not pay for lazy initialisation."""
-        self.decode([Query((0,), 1, False)])
+        """One decode per mode, so the first request does not pay for lazy initialisation."""
+        self.decode([Query((0,), 1, False, mode) for mode in self.modes])
+
+
+def _has_reasoning(recommender) -> bool:
+    from genrec.methods.gream.tasks import REASON_TASK
+
+    return REASON_TASK in recommender.fmt.heads
 
 
 def model_dir_for(run_dir: Path, model: str) -> tuple[str, Path]:
@@ -150,7 +177,9 @@ def model_dir_for(run_dir: Path, model: str) -> tuple[str, Path]:
     return model, path
 
 
-def load_service(run_dir: str | Path, model: str = "auto", device: str = "", num_beams: int = 20) -> RecommendService:
+def load_service(
+    run_dir: str | Path, model: str = "auto", device: str = "", num_beams: int = 20, max_think_tokens: int = 48
+) -> RecommendService:
     """The catalogue (``prepare/items.parquet``) and the run's trained model, checked against each other."""
     from genrec.model.recommender import GenerativeRecommender
 
@@ -164,4 +193,4 @@ def load_service(run_dir: str | Path, model: str = "auto", device: str = "", num
     if len(items) != recommender.num_items:
         raise ValueError(f"{path} was trained on {recommender.num_items} items but {items_path} has {len(items)}")
     sids = [recommender.vocab.sid_string(codes) for codes in recommender.codes]
-    return RecommendService(recommender, Catalogue(items, sids), name, num_beams)
+    return RecommendService(recommender, Catalogue(items, sids), name, num_beams, max_think_tokens)

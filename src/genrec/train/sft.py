@@ -1,7 +1,8 @@
 """Multi-task SFT of the generative recommender, through ``accelerate`` (stage ``sft``).
 
-The same loop runs on one CPU, on several CPU processes (DDP over gloo) and on GPUs:
-``accelerate launch [--cpu] --num_processes N -m genrec.cli sft CONFIG``. Each epoch:
+The same loop runs on one CPU, on several CPU processes (DDP over gloo:
+``torchrun --standalone --nproc_per_node N -m genrec.cli sft CONFIG``) and on GPUs
+(``accelerate launch --multi_gpu --num_processes N -m genrec.cli sft CONFIG``). Each epoch:
 
 1. every task draws its examples (``genrec.tasks.base.epoch_examples``, by weight);
 2. the examples are grouped into batches of at most ``sft.batch_tokens`` padded tokens,
