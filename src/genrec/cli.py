@@ -245,7 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("overrides", nargs="*", help="ServeConfig KEY=VALUE (max_batch_size=32 max_queue=256 ...), given before the --options")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        help="ServeConfig KEY=VALUE (max_batch_size=32 max_queue=256 ...), given before the --options",
+    )
     p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser(
