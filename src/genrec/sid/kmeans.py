@@ -186,7 +186,7 @@ class ResidualKMeans:
             centroids = kmeans_faiss(residual, self.codebook_size, self.iters, self.seed + t)
             if self.balanced:
                 # Lloyd iterations with the balanced assignment, started from the plain k-means solution
-                # (a few suffice: on Beauty 5, 10 and 25 give the same collisions and error).
+                # (a few suffice: on Beauty 5, 10 and 25 give the same collisions and error, docs/sid.md).
                 for _ in range(self.balanced_iters):
                     centroids = update_centroids(residual, self._assign(residual, centroids), centroids)
             codebooks.append(centroids)
