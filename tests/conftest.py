@@ -12,6 +12,24 @@ import pytest
 SHARED_DATA = Path(os.environ.get("GENREC_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
+# Overrides that make the generative model, its SFT and its decoding tiny enough for a test.
+TINY_GENERATIVE = [
+    "model.hidden_size=32",
+    "model.num_layers=2",
+    "model.num_heads=2",
+    "model.num_kv_heads=1",
+    "model.intermediate_size=64",
+    "model.text_vocab_size=300",
+    "sft.batch_tokens=512",
+    "sft.warmup_steps=2",
+    "data.max_history=5",
+    "decode.num_beams=10",
+    "decode.batch_size=16",
+    "eval.ks=[1,5]",
+    "eval.bootstrap=0",
+]
+
+
 def shared_data_or_skip(sub: str = "") -> Path:
     path = SHARED_DATA / sub
     if not path.exists():

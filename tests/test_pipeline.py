@@ -1,9 +1,10 @@
 import json
+from dataclasses import replace
 
 import pytest
 
 from genrec import pipeline
-from genrec.config import load_config
+from genrec.config import load_config, to_dict
 from genrec.pipeline import Stage, run_pipeline, run_stage, stage_status
 
 CALLS = []
@@ -90,3 +91,43 @@ def test_killed_stage_leaves_no_output_and_resumes(stages, tmp_path):
 def test_unknown_stage_is_an_error(stages, tmp_path):
     with pytest.raises(KeyError, match="unknown stage 'nope'"):
         run_stage(cfg_for(tmp_path), "nope")
+
+
+def write_sections(ctx):
+    """Stand-in for any real stage: its output is the config sections it reads."""
+    CALLS.append(ctx.stage.name)
+    sections = {s: to_dict(getattr(ctx.cfg, s)) for s in ctx.stage.sections}
+    (ctx.out / "sections.json").write_text(json.dumps(sections, sort_keys=True))
+    return {}
+
+
+@pytest.fixture
+def real_graph(monkeypatch):
+    """The real stages and their dependencies, each stage's work replaced by :func:`write_sections`."""
+    CALLS.clear()
+    fake = {name: replace(stage, target=f"{__name__}:write_sections") for name, stage in pipeline.STAGES.items()}
+    monkeypatch.setattr(pipeline, "STAGES", fake)
+
+
+@pytest.mark.parametrize("stage", ["rl", "gream_rl"])
+@pytest.mark.parametrize(
+    ("rewards", "reads", "retrain"),
+    [
+        ("{rank: 1.0, trm: 0.5}", "sasrec", "sasrec.lr=0.01"),
+        ("{rank: 1.0, semantic: 0.5}", "embed", "embed.batch_size=7"),
+        ("{rank: 1.0}", None, "sasrec.lr=0.01"),
+    ],
+)
+def test_rl_depends_on_the_stages_its_rewards_read(real_graph, tmp_path, stage, rewards, reads, retrain):
+    base = [f"run_dir={tmp_path / 'run'}", f"stages=[{stage}]", f"rl.rewards={rewards}"]
+    cfg = load_config(None, base)
+    run_pipeline(cfg)
+    assert ("sasrec" in CALLS) == (reads == "sasrec")  # a reward's input runs first, and only when needed
+    # A new output of that stage (here: retrained under another config) makes the RL stage stale ...
+    changed = load_config(None, [*base, retrain])
+    run_stage(changed, retrain.split(".")[0])
+    assert stage_status(changed, stage) == ("stale" if reads else "done")
+    # ... and the rerun redoes it (after sid, which a new embedding also makes stale).
+    CALLS.clear()
+    run_pipeline(changed)
+    assert CALLS == {"sasrec": [stage], "embed": ["sid", stage], None: []}[reads]

@@ -16,27 +16,14 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
+from conftest import TINY_GENERATIVE  # noqa: E402
 from genrec.config import ConfigError, load_config  # noqa: E402
 from genrec.data.dataset import Dataset  # noqa: E402
 from genrec.model.recommender import GenerativeRecommender  # noqa: E402
 from genrec.train.sft import lr_lambda, token_batches, train_sft  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
-TINY = [
-    "model.hidden_size=32",
-    "model.num_layers=2",
-    "model.num_heads=2",
-    "model.num_kv_heads=1",
-    "model.intermediate_size=64",
-    "model.text_vocab_size=300",
-    "sft.batch_tokens=512",
-    "sft.warmup_steps=2",
-    "data.max_history=5",
-    "decode.num_beams=10",
-    "decode.batch_size=16",
-    "eval.ks=[1,5]",
-    "eval.bootstrap=0",
-]
+TINY = TINY_GENERATIVE
 
 
 @pytest.fixture(autouse=True)

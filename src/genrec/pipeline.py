@@ -39,6 +39,32 @@ class Stage:
     # Stages whose outputs it reads (their file hashes enter its input hash).
     inputs: tuple[str, ...] = ()
     help: str = ""
+    # More inputs that depend on the config (cfg -> stage names), e.g. the stages whose
+    # outputs the configured RL rewards read; they count like ``inputs`` (see stage_inputs).
+    config_inputs: Callable[[RunConfig], tuple[str, ...]] | None = None
+
+
+def reward_inputs(cfg: RunConfig) -> tuple[str, ...]:
+    """The stages whose outputs the rewards named in ``rl.rewards`` read (``genrec.train.rewards.REWARD_INPUTS``)."""
+    from genrec.train.rewards import REWARD_INPUTS
+
+    return tuple(REWARD_INPUTS[name] for name in cfg.rl.rewards if name in REWARD_INPUTS)
+
+
+def text_inputs(cfg: RunConfig) -> tuple[str, ...]:
+    """IEID: the interest stages whose item interests ``text.interests`` folds into the item texts."""
+    return {"all": ("interests",), "positive": ("interests", "rldi")}.get(cfg.text.interests, ())
+
+
+def sft_inputs(cfg: RunConfig) -> tuple[str, ...]:
+    """``rldi`` when ``sft.tasks`` trains ``interest2sid`` (it reads the labelled prefix interests)."""
+    return ("rldi",) if cfg.sft.tasks.get("interest2sid", 0) > 0 else ()
+
+
+def stage_inputs(stage: Stage, cfg: RunConfig) -> tuple[str, ...]:
+    """Every stage whose outputs ``stage`` reads under ``cfg``: they run first and their files enter its input hash."""
+    extra = stage.config_inputs(cfg) if stage.config_inputs is not None else ()
+    return tuple(dict.fromkeys([*stage.inputs, *extra]))
 
 
 STAGES: dict[str, Stage] = {
@@ -56,15 +82,30 @@ STAGES: dict[str, Stage] = {
             ("prepare",),
             "mine user and item interests with LLMs or the offline miner",
         ),
-        Stage("text", "genrec.text.compose:run", ("text",), ("prepare",), "compose each item's text"),
+        Stage(
+            "rldi",
+            "genrec.interests.rldi:run",
+            ("data", "interests", "rldi"),
+            ("prepare", "interests"),
+            "label mined interests positive/negative with a classifier over embeddings",
+        ),
+        Stage("text", "genrec.text.compose:run", ("text",), ("prepare",), "compose each item's text", text_inputs),
         Stage("embed", "genrec.text.encode:run", ("embed",), ("text",), "embed item texts"),
         Stage("sid", "genrec.sid.stage:run", ("sid",), ("embed", "prepare"), "quantise embeddings into Semantic IDs"),
+        Stage(
+            "trm",
+            "genrec.agent.trm:run",
+            ("data", "trm", "embed", "eval"),
+            ("prepare", "embed"),
+            "DeepRec's preference-aware TRM (the agent's retrieval tool)",
+        ),
         Stage(
             "sft",
             "genrec.train.sft:run",
             ("data", "model", "sft", "decode", "eval"),
             ("prepare", "sid", "text"),
             "multi-task SFT of the generative recommender",
+            sft_inputs,
         ),
         Stage(
             "eval",
@@ -79,6 +120,7 @@ STAGES: dict[str, Stage] = {
             ("data", "rl", "decode", "eval"),
             ("prepare", "sid", "sft"),
             "GRPO-family RL from the SFT checkpoint",
+            reward_inputs,
         ),
         Stage(
             "gream_sft",
@@ -100,6 +142,28 @@ STAGES: dict[str, Stage] = {
             ("data", "rl", "decode", "eval", "gream"),
             ("prepare", "sid", "gream_sft"),
             "GREAM: SRPO (RSVR reward + BGAE advantage)",
+            reward_inputs,
+        ),
+        Stage(
+            "agent_sft",
+            "genrec.agent.stage:run_sft",
+            ("data", "model", "sft", "decode", "eval", "agent"),
+            ("prepare", "sid", "text", "embed", "trm"),
+            "DeepRec: warm-up SFT on trajectories made with the TRM",
+        ),
+        Stage(
+            "agent_eval",
+            "genrec.agent.stage:run_eval",
+            ("data", "decode", "eval", "agent"),
+            ("prepare", "sid", "embed", "trm", "agent_sft"),
+            "DeepRec: evaluate the agent mode (and the direct mode of the same model)",
+        ),
+        Stage(
+            "agent_rl",
+            "genrec.agent.stage:run_rl",
+            ("data", "rl", "decode", "eval", "agent"),
+            ("prepare", "sid", "embed", "trm", "agent_sft"),
+            "DeepRec: two-stage RL on hierarchical rewards, then both modes",
         ),
     ]
 }
@@ -133,7 +197,7 @@ class StageContext:
 def _stage_record(cfg: RunConfig, stage: Stage, run_dir: Path) -> dict:
     sections = {s: to_dict(getattr(cfg, s)) for s in stage.sections}
     inputs = {}
-    for name in stage.inputs:
+    for name in stage_inputs(stage, cfg):
         done = run_dir / name / "done.json"
         inputs[name] = read_json(done)["files_hash"] if done.is_file() else None
     return {
@@ -192,7 +256,7 @@ def run_stage(cfg: RunConfig, name: str, force: bool = False) -> dict:
     if status == "done" and not force:
         log.info("stage %-10s up to date, skipped", name)
         return read_json(final / "done.json")
-    for dep in stage.inputs:
+    for dep in stage_inputs(stage, cfg):
         if stage_status(cfg, dep) != "done":
             if int(os.environ.get("WORLD_SIZE", "1")) > 1:
                 raise RuntimeError(f"stage {name!r} needs {dep!r}: run it in one process before launching several")
