@@ -103,3 +103,28 @@ def test_combine_weights_components_and_errors():
         {"exact": 1.0, "mine": 1.0}, COLUMNS, {**REWARDS, "mine": lambda items, **_: items * 0 + 1.0}
     )
     assert total.tolist() == [[1.0, 1.0, 2.0, 1.0], [1.0, 1.0, 1.0, 1.0]]
+
+
+def test_interest_reward_is_the_clipped_cosine_of_positive_interest_profiles():
+    from genrec.train.rewards import interest_reward
+
+    user = np.array([[3.0, 0.0], [0.0, 0.0]])  # user 1 has no positive interest
+    item = np.array([[1.0, 0.0], [1.0, 1.0], [-1.0, 0.0], [0.0, 0.0]])  # item 3 has none
+    items = np.array([[0, 1, 2, 3, -1], [0, 1, 2, 3, -1]])
+    got = interest_reward(items, user_interest_emb=user, item_interest_emb=item)
+    assert got.dtype == np.float64 and got.shape == (2, 5)
+    assert np.round(got, 4).tolist() == [[1.0, 0.7071, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0]]
+    with pytest.raises(ValueError, match="user_interest_emb"):
+        interest_reward(items, item_interest_emb=item)
+
+
+def test_quality_reward_pays_the_targets_quality_on_an_exact_hit():
+    from genrec.train.rewards import combine_rewards, quality_reward
+
+    q = np.array([0.0, 0.25, 0.5, 1.0])
+    items, target = np.array([[1, 2, -1], [3, 3, 0]]), np.array([2, 3])
+    assert quality_reward(items, target, item_quality=q).tolist() == [[0.0, 0.5, 0.0], [1.0, 1.0, 0.0]]
+    # DeepInterestGR's R = 1[exact] + lambda_valid 1[valid] + 0.5 q_target 1[exact] (prefix term left out).
+    cols = dict(items=items, target_item=target, valid=items >= 0, item_quality=q)
+    total, _ = combine_rewards({"exact": 1.0, "valid": 0.1, "quality": 0.5}, cols)
+    assert np.round(total, 4).tolist() == [[0.1, 1.35, 0.0], [1.6, 1.6, 0.1]]

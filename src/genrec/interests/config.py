@@ -133,3 +133,59 @@ class InterestsConfig:
             f"interests.embedder must be 'minilm' or 'st:<dir>', got {self.embedder!r}",
         )
         _check(self.max_items >= 0 and self.max_users >= 0, "interests.max_items and interests.max_users must be >= 0")
+
+
+@dataclass
+class RLDIConfig:
+    """Reward labels of mined interests (stage ``rldi``): a small classifier over interest embeddings.
+
+    Labels to train it come from training-split behaviour (offline) or from a judge LLM; see
+    docs/interests.md for how and why.
+    """
+
+    # Where the training labels come from: "behaviour" (an interest mined from a user's training
+    # prefix is positive when the user's held-out later training items match it more often than
+    # the average training interaction does) or "judge" (the ``judge`` LLM labels item interests
+    # 1 = specific and grounded, 0 = vague, generic or unsupported).
+    labels: str = "behaviour"
+    # behaviour: the last this-many training items of each user are held out of the mining prefix;
+    # they label the prefix's interests. Set it >= rl.targets_per_user so that no RL target (and,
+    # by construction, no interest2sid target) is among the items its user's interests were mined from.
+    holdout: int = 3
+    # An interest matches an item when its embedding has cosine >= this with one of the item's
+    # mined interests (the same scale as interests.merge_threshold).
+    match_threshold: float = 0.8
+    # "logreg" (logistic regression) or "mlp" (one hidden layer of ``hidden`` units), scikit-learn.
+    classifier: str = "logreg"
+    hidden: int = 64
+    # L2 penalty: the logistic regression's C is 1 / l2, the MLP's alpha is l2.
+    l2: float = 1.0
+    # Share of the labelled owners (users, or items for the judge) held out to measure accuracy and AUC.
+    test_fraction: float = 0.2
+    # An interest is positive when the classifier's probability is >= this.
+    threshold: float = 0.5
+    # False labels every interest positive (the "without RLDI" ablation); the classifier is still
+    # trained and measured.
+    curate: bool = True
+    # The judge LLM (an interests-style backend, kind openai or hf) for ``labels: judge``.
+    judge: BackendConfig | None = None
+    # Label at most this many users (behaviour) or items (judge); 0 = all. A cost cap for LLM backends.
+    max_owners: int = 0
+
+    def __post_init__(self) -> None:
+        _check(
+            self.labels in ("behaviour", "judge"), f"rldi.labels must be 'behaviour' or 'judge', got {self.labels!r}"
+        )
+        _check(
+            self.labels != "judge" or (self.judge is not None and self.judge.kind != "offline"),
+            "rldi.labels: judge needs rldi.judge, an LLM backend (kind openai or hf)",
+        )
+        _check(self.holdout >= 1, f"rldi.holdout must be >= 1, got {self.holdout}")
+        _check(0 < self.match_threshold <= 1, f"rldi.match_threshold must be in (0, 1], got {self.match_threshold}")
+        _check(
+            self.classifier in ("logreg", "mlp"), f"rldi.classifier must be 'logreg' or 'mlp', got {self.classifier!r}"
+        )
+        _check(self.hidden >= 1 and self.l2 > 0, "rldi.hidden must be >= 1 and rldi.l2 > 0")
+        _check(0 < self.test_fraction < 1, f"rldi.test_fraction must be in (0, 1), got {self.test_fraction}")
+        _check(0 < self.threshold < 1, f"rldi.threshold must be in (0, 1), got {self.threshold}")
+        _check(self.max_owners >= 0, f"rldi.max_owners must be >= 0, got {self.max_owners}")

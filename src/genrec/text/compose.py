@@ -112,8 +112,36 @@ def compose_texts(items: pd.DataFrame, template: str = "default", max_chars: int
     return texts, fallback
 
 
+def fold_interests(items: pd.DataFrame, interests: pd.DataFrame, which: str) -> pd.DataFrame:
+    """IEID: ``items`` with an ``interests`` column, each item's mined interests in rank order.
+
+    ``which`` is "all" or "positive" (only rows whose ``label`` is true: the RLDI-curated ones).
+
+    >>> items = pd.DataFrame({"item_id": [0, 1]})
+    >>> mined = pd.DataFrame({"item_id": [0, 0, 1], "rank": [1, 0, 0], "interest": ["b", "a", "c"],
+    ...                       "label": [True, True, False]})
+    >>> fold_interests(items, mined, "positive")["interests"].tolist()
+    [['a', 'b'], []]
+    """
+    if which == "positive":
+        interests = interests[interests["label"].astype(bool)]
+    per_item = interests.sort_values(["item_id", "rank"]).groupby("item_id")["interest"].apply(list)
+    out = items.copy()
+    out["interests"] = [per_item.get(int(i), []) for i in out["item_id"]]
+    return out
+
+
 def run(ctx) -> dict:
     items = pd.read_parquet(ctx.input("prepare") / "items.parquet")
+    which = ctx.cfg.text.interests
+    if which != "none":
+        if "interests" not in {n for _, n in parse_template(ctx.cfg.text.template)}:
+            raise ValueError(
+                f"text.interests={which} needs a text.template that names {{interests}} (the 'default' template "
+                f"does), got {ctx.cfg.text.template!r}"
+            )
+        source = ctx.input("rldi" if which == "positive" else "interests") / "item_interests.parquet"
+        items = fold_interests(items, pd.read_parquet(source), which)
     texts, fallback = compose_texts(items, ctx.cfg.text.template, ctx.cfg.text.max_chars)
     pd.DataFrame({"item_id": items["item_id"].to_numpy(np.int64), "text": texts}).to_parquet(
         ctx.out / "items_text.parquet", index=False
@@ -134,5 +162,7 @@ def run(ctx) -> dict:
         "n_empty": len(fallback),
         "empty_item_ids": fallback[:20],
         "mean_chars": round(float(lengths.mean()), 1),
+        "interests": which,
+        "items_with_interests": int(sum(len(v) > 0 for v in items["interests"])) if which != "none" else 0,
         "examples": texts[:3],
     }

@@ -141,6 +141,52 @@ def trm_reward(items, trm_probs=None, trm_log_probs=None, **columns) -> np.ndarr
     return np.where(items >= 0, picked, 0.0)
 
 
+def interest_reward(items, user_interest_emb=None, item_interest_emb=None, **columns) -> np.ndarray:
+    """DeepInterestGR's interest bonus: how well the generated item matches the user's positive interests.
+
+    ``user_interest_emb`` (B, D): per prompt, the user's profile of positively labelled
+    interests; ``item_interest_emb`` (N, D): per item, the same over its own positive interests
+    (both from the ``rldi`` stage, weight-averaged unit embeddings, zero rows where there are
+    none). r = max(0, cos(item profile, user profile)) in [0, 1]; 0 where the completion is no
+    item or either profile is empty.
+
+    >>> user = np.array([[1.0, 0.0], [0.0, 0.0]])
+    >>> item = np.array([[1.0, 0.0], [1.0, 1.0], [-1.0, 0.0], [0.0, 0.0]])
+    >>> np.round(interest_reward(np.array([[0, 1, 2, 3, -1], [0, 1, 2, 3, -1]]), user_interest_emb=user,
+    ...                          item_interest_emb=item), 4).tolist()
+    [[1.0, 0.7071, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0]]
+    """
+    if user_interest_emb is None or item_interest_emb is None:
+        raise ValueError(
+            "the 'interest' reward needs the columns user_interest_emb (B, D) and item_interest_emb (N, D): "
+            "run the 'rldi' stage"
+        )
+    emb = np.asarray(item_interest_emb, dtype=np.float64)
+    emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)  # (N, D); zero rows stay zero
+    user = np.asarray(user_interest_emb, dtype=np.float64)
+    user = user / np.maximum(np.linalg.norm(user, axis=1, keepdims=True), 1e-12)  # (B, D)
+    items = np.asarray(items)
+    cos = np.einsum("bgd,bd->bg", emb[np.clip(items, 0, None)], user)  # (B, G)
+    return np.where(items >= 0, np.maximum(cos, 0.0), 0.0)
+
+
+def quality_reward(items, target_item, item_quality=None, **columns) -> np.ndarray:
+    """DeepInterestGR's quality term q_target 1[exact]: an exact hit earns the target's interest quality.
+
+    ``item_quality`` (N,): q = sum(c_k l_k) / sum(c_k) over each item's interests (confidences
+    c_k, RLDI labels l_k), from the ``rldi`` stage. The paper's R = 1[exact] + lambda_valid
+    1[valid] + lambda_pref LCP/3 + 0.5 q_target 1[exact] is then ``{exact: 1, valid: lambda_valid,
+    quality: 0.5}`` plus a prefix term.
+
+    >>> quality_reward(np.array([[5, 7, -1]]), np.array([5]), item_quality=np.arange(8) / 10).tolist()
+    [[0.5, 0.0, 0.0]]
+    """
+    if item_quality is None:
+        raise ValueError("the 'quality' reward needs the column item_quality (N,): run the 'rldi' stage")
+    q = np.asarray(item_quality, dtype=np.float64)
+    return exact_reward(items, target_item) * q[np.asarray(target_item)][:, None]
+
+
 def valid_reward(valid, **columns) -> np.ndarray:
     """Format/validity: r = 1 for a well-formed SID of a real item, else 0.
 
@@ -168,9 +214,16 @@ REWARDS: dict[str, RewardFn] = {
     "rsvr": rsvr_reward,
     "semantic": semantic_reward,
     "trm": trm_reward,
+    "interest": interest_reward,
+    "quality": quality_reward,
     "valid": valid_reward,
     "valid_penalty": valid_penalty_reward,
 }
+
+
+# The stage whose output each reward's extra column is built from (genrec.train.rl.stage_columns);
+# a stage with these rewards lists it among its inputs, so a new embedding or SASRec model makes it stale.
+REWARD_INPUTS: dict[str, str] = {"semantic": "embed", "trm": "sasrec", "interest": "rldi", "quality": "rldi"}
 
 
 def check_reward_names(weights: Mapping[str, float], registry: Mapping[str, RewardFn]) -> None:

@@ -38,7 +38,7 @@ from genrec.config import RunConfig
 from genrec.data.dataset import Dataset, Examples
 from genrec.io import atomic_write_text, write_json
 from genrec.train.advantages import compute_advantages, informative_groups
-from genrec.train.rewards import REWARDS, RewardFn, check_reward_names, combine_rewards
+from genrec.train.rewards import REWARD_INPUTS, REWARDS, RewardFn, check_reward_names, combine_rewards
 
 log = logging.getLogger("genrec")
 
@@ -474,27 +474,33 @@ def train_rl(
 
 
 def stage_columns(ctx) -> dict[str, Column]:
-    """Columns the configured rewards need, built from the run directory's other stages."""
+    """Columns the configured rewards need, built from the stages in ``REWARD_INPUTS``.
+
+    The pipeline counts those stages among the stage's inputs (``genrec.pipeline.reward_inputs``),
+    so they have run and their files enter its input hash.
+    """
     columns: dict[str, Column] = {}
     if "semantic" in ctx.cfg.rl.rewards:
-        path = ctx.run_dir / "embed" / "item_emb.npy"
-        if not path.is_file():
-            raise FileNotFoundError(f"rl.rewards.semantic needs {path}: run the 'embed' stage first")
-        columns["item_emb"] = np.load(path)
+        columns["item_emb"] = np.load(ctx.input(REWARD_INPUTS["semantic"]) / "item_emb.npy")
     if "trm" in ctx.cfg.rl.rewards:
         import torch
 
         from genrec.baselines.sasrec import SASRec
 
-        path = ctx.run_dir / "sasrec" / "model.pt"
-        if not path.is_file():
-            raise FileNotFoundError(f"rl.rewards.trm needs the SASRec model {path}: run the 'sasrec' stage first")
-        sasrec = SASRec.load(path)
+        sasrec = SASRec.load(ctx.input(REWARD_INPUTS["trm"]) / "model.pt")
 
         def trm_log_probs(histories, **_):
             return torch.log_softmax(sasrec.score(histories), dim=-1).numpy()
 
         columns["trm_log_probs"] = trm_log_probs
+    if "interest" in ctx.cfg.rl.rewards:
+        labelled = ctx.input(REWARD_INPUTS["interest"])
+        # Users' profiles come from interests mined before their last rldi.holdout training items.
+        users = np.load(labelled / "user_interest_emb.npy")  # (U, D)
+        columns["item_interest_emb"] = np.load(labelled / "item_interest_emb.npy")  # (N, D)
+        columns["user_interest_emb"] = lambda user_ids, **_: users[user_ids]  # (B, D), per prompt
+    if "quality" in ctx.cfg.rl.rewards:
+        columns["item_quality"] = np.load(ctx.input(REWARD_INPUTS["quality"]) / "item_quality.npy")  # (N,)
     return columns
 
 

@@ -507,4 +507,12 @@ def run(ctx) -> dict:
     texts = pd.read_parquet(texts_path)
     if not np.array_equal(texts["item_id"].to_numpy(), np.arange(dataset.num_items)):
         raise ValueError(f"{texts_path}: item_id must be 0..{dataset.num_items - 1} in order; rerun the 'text' stage")
-    return train_sft(cfg, dataset, codes, texts["text"].astype(str).tolist(), ctx.out, ctx.work)
+    extra_tasks = {}
+    if cfg.sft.tasks.get("interest2sid", 0) > 0:  # DeepInterestGR: the rldi stage's labelled prefix interests
+        from genrec.tasks.interests import interest_task_builder
+
+        prefix = pd.read_parquet(ctx.input("rldi") / "prefix_user_interests.parquet")
+        extra_tasks["interest2sid"] = interest_task_builder(prefix)
+    return train_sft(
+        cfg, dataset, codes, texts["text"].astype(str).tolist(), ctx.out, ctx.work, extra_tasks=extra_tasks
+    )
