@@ -14,11 +14,12 @@ pytest.importorskip("transformers")
 from conftest import make_dataset_frames  # noqa: E402
 from genrec.config import ConfigError, load_config  # noqa: E402
 from genrec.data.dataset import Dataset  # noqa: E402
+from genrec.decode.text import find_end  # noqa: E402
 from genrec.interests.backends import ChatResult  # noqa: E402
 from genrec.interests.cache import CallCache  # noqa: E402
 from genrec.methods.gream.chains import apply_teacher, build_chains, data_chain, item_labels  # noqa: E402
 from genrec.methods.gream.config import GREAMConfig  # noqa: E402
-from genrec.methods.gream.reasoning import _find_end, generate_rationales, reasoning_recommend  # noqa: E402
+from genrec.methods.gream.reasoning import generate_rationales, reasoning_recommend  # noqa: E402
 from genrec.methods.gream.tasks import CoSIDTask, ReasonTask, curriculum_stage, gream_builders  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -217,10 +218,11 @@ def teacher_prompt(chain, dataset):
 
 
 def test_rationale_ends_at_the_answer_marker_eos_or_the_budget():
-    assert _find_end([5, 6, 9, 7], stop=[9], eos_id=2) == 2
-    assert _find_end([5, 2, 9], stop=[9], eos_id=2) == 1
-    assert _find_end([5, 8, 9, 1], stop=[8, 9], eos_id=2) == 1
-    assert _find_end([5, 8, 1], stop=[8, 9], eos_id=2) is None
+    assert find_end([5, 6, 9, 7], [[9]], eos_id=2) == (2, 0)
+    assert find_end([5, 2, 9], [[9]], eos_id=2) == (1, -1)
+    assert find_end([5, 8, 9, 1], [[8, 9]], eos_id=2) == (1, 0)
+    assert find_end([5, 8, 1], [[8, 9]], eos_id=2) == (3, -2)
+    assert find_end([5, 8, 1, 9], [[9], [8, 1]], eos_id=2) == (1, 1)
 
 
 class ScriptedLM(torch.nn.Module):

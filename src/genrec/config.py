@@ -19,11 +19,12 @@ from typing import Any
 
 import yaml
 
+from genrec.agent.config import AgentConfig
 from genrec.errors import ConfigError
 from genrec.errors import check as _check
 
 # Sections that live beside their stage's code.
-from genrec.interests.config import InterestsConfig
+from genrec.interests.config import InterestsConfig, RLDIConfig
 from genrec.methods.gream.config import GREAMConfig
 
 # --------------------------------------------------------------------------- stages
@@ -114,6 +115,61 @@ class SASRecConfig:
 
 
 @dataclass
+class TRMConfig:
+    """DeepRec's preference-aware traditional recommender (stage ``trm``; see docs/deeprec.md)."""
+
+    # Transformer width, depth and heads over the history (and the size of the item representation).
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 2
+    # Dropout on the input embeddings and inside the Transformer.
+    dropout: float = 0.3
+    # Adam learning rate, and training windows per batch.
+    lr: float = 2e-3
+    batch_size: int = 256
+    max_epochs: int = 50
+    # Evaluate valid NDCG@10 (no preference) every this many epochs; stop after `patience`
+    # evaluations without improvement; the best evaluated weights are kept.
+    eval_every: int = 2
+    patience: int = 4
+    # Hard wall-clock budget for training in minutes (0 = none).
+    max_minutes: float = 0.0
+    # Share of training positions that see no preference (q = 0); the others see a random
+    # non-empty subset of the target item's labels, so text steers and no text still works.
+    text_dropout: float = 0.5
+    # Scores are cosine(query, item) / temperature.
+    temperature: float = 0.05
+    # An item label held by more than this share of the items (e.g. "Beauty") is not a phrase.
+    max_label_share: float = 0.5
+    # A preference is cut into at most this many phrases ("Drama; Romance" is two), each at most
+    # phrase_chars characters long.
+    max_phrases: int = 4
+    phrase_chars: int = 64
+
+    def __post_init__(self) -> None:
+        _check(
+            self.hidden_size >= 1 and self.num_heads >= 1 and self.hidden_size % self.num_heads == 0,
+            f"trm.hidden_size ({self.hidden_size}) must be a positive multiple of trm.num_heads ({self.num_heads})",
+        )
+        _check(self.num_layers >= 1, f"trm.num_layers must be >= 1, got {self.num_layers}")
+        _check(0.0 <= self.dropout < 1.0, f"trm.dropout must be in [0, 1), got {self.dropout}")
+        _check(self.lr > 0, f"trm.lr must be > 0, got {self.lr}")
+        _check(
+            min(self.batch_size, self.max_epochs, self.eval_every, self.patience) >= 1,
+            "trm.batch_size, trm.max_epochs, trm.eval_every and trm.patience must be >= 1",
+        )
+        _check(self.max_minutes >= 0, f"trm.max_minutes must be >= 0 (0 = no budget), got {self.max_minutes}")
+        _check(
+            0.0 <= self.text_dropout <= 1.0,
+            f"trm.text_dropout must be in [0, 1] (1 trains without any text), got {self.text_dropout}",
+        )
+        _check(self.temperature > 0, f"trm.temperature must be > 0 (e.g. 0.05), got {self.temperature}")
+        _check(0 < self.max_label_share <= 1, f"trm.max_label_share must be in (0, 1], got {self.max_label_share}")
+        _check(self.max_phrases >= 1, f"trm.max_phrases must be >= 1, got {self.max_phrases}")
+        _check(self.phrase_chars >= 8, f"trm.phrase_chars must be >= 8, got {self.phrase_chars}")
+
+
+@dataclass
 class TextConfig:
     """Item text composition (stage ``text``)."""
 
@@ -123,9 +179,17 @@ class TextConfig:
     template: str = "default"
     # Cap on characters per item text (cut on a word boundary).
     max_chars: int = 512
+    # IEID: mined item interests folded into the text's {interests} field before embedding and
+    # quantisation: "none", "all" (every interest of the ``interests`` stage) or "positive" (those
+    # the ``rldi`` stage labels positive). Not "none" makes the stage read those stages.
+    interests: str = "none"
 
     def __post_init__(self) -> None:
         _check(self.max_chars >= 16, f"text.max_chars must be >= 16, got {self.max_chars}")
+        _check(
+            self.interests in ("none", "all", "positive"),
+            f"text.interests must be 'none', 'all' or 'positive', got {self.interests!r}",
+        )
 
 
 @dataclass
@@ -402,8 +466,10 @@ class RunConfig:
     stages: list[str] = field(default_factory=lambda: ["prepare", "popularity", "sasrec"])
     data: DataConfig = field(default_factory=DataConfig)
     interests: InterestsConfig = field(default_factory=InterestsConfig)
+    rldi: RLDIConfig = field(default_factory=RLDIConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     sasrec: SASRecConfig = field(default_factory=SASRecConfig)
+    trm: TRMConfig = field(default_factory=TRMConfig)
     text: TextConfig = field(default_factory=TextConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     sid: SIDConfig = field(default_factory=SIDConfig)
@@ -412,6 +478,7 @@ class RunConfig:
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     rl: RLConfig = field(default_factory=RLConfig)
     gream: GREAMConfig = field(default_factory=GREAMConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
 
     def __post_init__(self) -> None:
         _check(bool(self.run_dir), "run_dir is required: set it in the YAML or pass run_dir=PATH")

@@ -310,3 +310,25 @@ def _finish(scores: torch.Tensor, nodes: torch.Tensor, codes: torch.Tensor, sid_
         codes=codes.masked_fill(~live.unsqueeze(-1), -1),
         token_ids=(codes + offsets).masked_fill(~live.unsqueeze(-1), -1),
     )
+
+
+def score_candidates(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, cand_ids: torch.Tensor
+) -> torch.Tensor:
+    """Log-probability of each candidate SID after each prompt, teacher-forced on ONE copy of the prompt cache.
+
+    ``input_ids``/``attention_mask`` (B, T) LEFT-padded; ``cand_ids`` (B, M, L) the candidates'
+    SID token ids, -1 rows for padding. Returns (B, M) float: the sum of the L tokens'
+    full-vocabulary log-probs, -inf for padding. The M candidates of a prompt are M query
+    positions of its row (``_PromptTree``), so the prompt is encoded once.
+    """
+    batch_size, num_cand, num_levels = cand_ids.shape
+    with torch.no_grad():
+        tree = _PromptTree(model, input_ids, attention_mask, num_cand)
+        tokens = cand_ids.clamp(min=0)  # (B, M, L): padding reads token 0, masked below
+        scores = torch.log_softmax(tree.prompt_logits, dim=-1).gather(1, tokens[:, :, 0])  # (B, M)
+        for t in range(1, num_levels):
+            logits = tree.step(tokens[:, :, t - 1])  # (B*M, V)
+            step = torch.log_softmax(logits, dim=-1).gather(1, tokens[:, :, t].reshape(-1, 1))
+            scores = scores + step.reshape(batch_size, num_cand)
+    return scores.masked_fill((cand_ids < 0).any(dim=2), float("-inf"))

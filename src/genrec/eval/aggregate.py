@@ -20,6 +20,11 @@ METRIC_DIRS = {
     "gream (reasoning)": "gream_eval/reasoning",
     "gream+srpo (direct)": "gream_rl/eval/direct",
     "gream+srpo (reasoning)": "gream_rl/eval/reasoning",
+    "trm alone": "trm/eval",
+    "deeprec sft (direct)": "agent_eval/direct",
+    "deeprec sft (agent)": "agent_eval/agent",
+    "deeprec+rl (direct)": "agent_rl/eval/direct",
+    "deeprec+rl (agent)": "agent_rl/eval/agent",
 }
 
 

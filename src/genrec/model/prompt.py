@@ -28,7 +28,12 @@ INSTRUCTIONS = {
     "item2sid": "Which item does this text describe?",
     "sid2title": "What is the title of this item?",
     "titles2sid": "A user interacted with these items, in order. Which item comes next?",
+    "interest2sid": "A user with these interests interacted with these items, in order. Which item comes next?",
 }
+# Text tags a task's sequences use besides its marker (DeepRec's tool-call tags, ...). The
+# scratch tokenizer makes each one special token; a pretrained tokenizer reads them as text.
+# A task registered later adds its tags here.
+TASK_TOKENS: dict[str, tuple[str, ...]] = {}
 ANSWER_TEXT = " Answer:"
 SEP_TEXT = "; "
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from genrec.model.prompt import BASE_SPECIAL_TOKENS, BOS, EOS, PAD, task_marker
+from genrec.model.prompt import BASE_SPECIAL_TOKENS, BOS, EOS, PAD, TASK_TOKENS, task_marker
 from genrec.model.vocab import SIDVocab, sid_tokens
 
 
@@ -25,7 +25,9 @@ def build_scratch_tokenizer(texts: Sequence[str], text_vocab_size: int, codebook
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    special = [*BASE_SPECIAL_TOKENS, *(task_marker(t) for t in dict.fromkeys(["seqrec", *tasks]))]
+    tasks = list(dict.fromkeys(["seqrec", *tasks]))
+    tags = [tag for t in tasks for tag in TASK_TOKENS.get(t, ())]
+    special = list(dict.fromkeys([*BASE_SPECIAL_TOKENS, *(task_marker(t) for t in tasks), *tags]))
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFKC()
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -76,9 +76,31 @@ def chain_positions(train_sequences: Sequence[np.ndarray], chains_per_user: int,
     return np.asarray(rows, dtype=np.int64).reshape(-1, 2)
 
 
-def _top(scores: dict[str, float], k: int) -> list[str]:
-    # Highest score first, ties by name, so chains do not depend on dict order.
+def top_labels(scores: dict[str, float], k: int) -> list[str]:
+    """The ``k`` labels of highest score; ties by name, so nothing depends on dict order."""
     return [label for label, _ in sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))[:k]]
+
+
+def label_scores(history: Sequence[int], labels: Sequence[tuple[str, ...]]) -> tuple[Counter, dict[str, float]]:
+    """(count, recency-weighted count) of each label over the history; item j of n counts (j + 1) / n.
+
+    >>> label_scores([0, 1], [("Drama",), ("Drama", "War")])
+    (Counter({'Drama': 2, 'War': 1}), {'Drama': 1.5, 'War': 1.0})
+    """
+    n = len(history)
+    counts: Counter = Counter()
+    recency: dict[str, float] = {}
+    for j, item in enumerate(history):
+        for label in labels[item]:
+            counts[label] += 1
+            recency[label] = recency.get(label, 0.0) + (j + 1) / n
+    return counts, recency
+
+
+def intent_label(target_labels: Sequence[str], recency: dict[str, float]) -> list[str]:
+    """The target's label that the history's recency ranks highest; its first label when none occurs; [] if none."""
+    known = {label: recency[label] for label in target_labels if label in recency}
+    return top_labels(known, 1) if known else list(target_labels[:1])
 
 
 def data_chain(
@@ -89,20 +111,12 @@ def data_chain(
     >>> labels = [("Drama",), ("Drama",), ("Horror",), ("Comedy",), ("Drama", "Comedy")]
     >>> c = data_chain(0, 4, np.array([0, 2, 1, 3]), 4, labels, GREAMConfig(preference_labels=1))
     >>> c.evidence, c.preferences, c.intent, c.rewrite.tolist()
-    ('evidence: Drama 2, Comedy 1, Horror 1.', 'preferences: Drama.', 'intent: Drama.', [0, 1])
+    ('evidence: Drama 2, Comedy 1, Horror 1.', 'preferences: Comedy.', 'intent: Comedy.', [3])
     """
-    n = len(history)
-    counts: Counter = Counter()
-    recency: dict[str, float] = {}
-    for j, item in enumerate(history):
-        for label in labels[item]:
-            counts[label] += 1
-            recency[label] = recency.get(label, 0.0) + (j + 1) / n
-    evidence = _top(dict(counts), cfg.evidence_labels)
-    preferences = _top(recency, cfg.preference_labels)
-    target_labels = labels[target]
-    known = {label: recency[label] for label in target_labels if label in recency}
-    intent = _top(known, 1) if known else list(target_labels[:1])
+    counts, recency = label_scores(history, labels)
+    evidence = top_labels(dict(counts), cfg.evidence_labels)
+    preferences = top_labels(recency, cfg.preference_labels)
+    intent = intent_label(labels[target], recency)
     fits = set(preferences) | set(intent)
     kept = [item for item in history if not labels[item] or fits & set(labels[item])] if fits else list(history)
     return Chain(

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from genrec.decode.beam import BeamOutput, constrained_beam_search
+from genrec.decode.text import generate_until, left_pad
 from genrec.methods.gream.tasks import REASON_TASK, THINK_OPEN, encode_text
 
 
@@ -43,17 +44,6 @@ def reasoning_prompts(recommender, histories: Sequence[Sequence[int]]) -> list[l
     return [head + recommender.prompt_ids(h)[seqrec:] for h in histories]
 
 
-def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask), each (B, T) long, left-padded."""
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for b, row in enumerate(rows):
-        input_ids[b, width - len(row) :] = torch.as_tensor(list(row), dtype=torch.long)
-        attention_mask[b, width - len(row) :] = 1
-    return input_ids.to(device), attention_mask.to(device)
-
-
 @torch.no_grad()
 def generate_rationales(
     model,
@@ -67,56 +57,10 @@ def generate_rationales(
 ) -> Rationales:
     """Free text after each prompt until the ``stop`` marker (a token sequence), eos, or the budget.
 
-    Greedy when ``temperature`` is 0, else sampled from ``softmax(logits / temperature)``. One
-    KV cache for the batch; finished rows are fed padding until every row is done.
+    Greedy when ``temperature`` is 0, else sampled (``genrec.decode.text.generate_until``).
     """
-    device = next(model.parameters()).device
-    input_ids, attention_mask = left_pad(prompts, pad_id, device)
-    batch_size = input_ids.shape[0]
-    position = (attention_mask.cumsum(1) - 1).clamp(min=0)  # (B, T): real tokens counted, as decoding does
-    out = model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position, use_cache=True, logits_to_keep=1
-    )
-    next_pos = position[:, -1] + 1  # (B,)
-    stop_t = torch.as_tensor(list(stop), dtype=torch.long, device=device)  # (S,)
-    generated = torch.empty(batch_size, 0, dtype=torch.long, device=device)  # (B, u)
-    done = torch.zeros(batch_size, dtype=torch.bool, device=device)
-    for _ in range(max_new_tokens):
-        logits = out.logits[:, -1].float()  # (B, V)
-        if temperature > 0:
-            token = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1, generator=generator).squeeze(1)
-        else:
-            token = logits.argmax(dim=-1)
-        token = torch.where(done, torch.full_like(token, pad_id), token)  # (B,)
-        generated = torch.cat([generated, token[:, None]], dim=1)
-        ends_with_stop = generated.shape[1] >= len(stop_t) and (generated[:, -len(stop_t) :] == stop_t).all(dim=1)
-        done = done | (token == eos_id) | ends_with_stop
-        if bool(done.all()):
-            break
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch_size, 1)], dim=1)
-        out = model(
-            input_ids=token[:, None],
-            attention_mask=attention_mask,
-            position_ids=next_pos[:, None],
-            past_key_values=out.past_key_values,
-            use_cache=True,
-        )
-        next_pos = next_pos + 1
-    rows, forced = [], np.zeros(batch_size, dtype=bool)
-    stop = list(stop)
-    for b, row in enumerate(generated.tolist()):
-        cut = _find_end(row, stop, eos_id)
-        forced[b] = cut is None
-        rows.append(row[:cut] if cut is not None else row)
-    return Rationales(rows, forced)
-
-
-def _find_end(row: list[int], stop: list[int], eos_id: int) -> int | None:
-    """Index where the rationale ends (the first eos or stop marker), None when it has neither."""
-    for j in range(len(row)):
-        if row[j] == eos_id or row[j : j + len(stop)] == stop:
-            return j
-    return None
+    out = generate_until(model, prompts, [stop], eos_id, pad_id, max_new_tokens, temperature, generator)
+    return Rationales(out.ids, np.asarray([s == -2 for s in out.stop], dtype=bool))
 
 
 def reasoning_recommend(
