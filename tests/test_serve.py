@@ -222,6 +222,49 @@ def test_reasoning_mode_when_the_model_was_trained_for_it(tmp_path):
         assert c.post("/recommend", json={"history": [3, 7], "k": 4}).json()["rationale"] is None
 
 
+class PopularRetriever:
+    """A stand-in TRM: a fixed score per item, seen and excluded items never returned."""
+
+    def __init__(self, num_items):
+        self.scores = torch.linspace(1.0, 0.0, num_items)
+
+    def retrieve(self, histories, preferences, n, exclude=None):
+        ids = []
+        for b in range(len(histories)):
+            banned = set(np.asarray(exclude[b]).tolist()) if exclude is not None else set()
+            ids.append(([i for i in range(len(self.scores)) if i not in banned] + [-1] * n)[:n])
+        ids = np.asarray(ids, dtype=np.int64)
+        return ids, np.where(ids >= 0, self.scores[ids.clip(0)].numpy(), -np.inf)
+
+
+def test_agent_mode_returns_items_and_the_transcript(tmp_path):
+    from genrec.agent.config import AgentConfig
+    from genrec.agent.protocol import AGENT_TASK
+    from genrec.serve.service import RecommendService
+
+    plain = load_service(build_run(tmp_path / "run", [AGENT_TASK]), num_beams=8)
+    assert "agent" not in plain.modes  # no TRM in the run: the mode is not offered
+    agent = RecommendService(
+        plain.recommender,
+        plain.catalogue,
+        "agent_sft",
+        num_beams=8,
+        retriever=PopularRetriever(NUM_ITEMS),
+        agent_cfg=AgentConfig(max_turns=2, retrieve_n=3, turn_tokens=4),
+    )
+    assert agent.modes == ["direct", "agent"]
+    with client(agent) as c:
+        res = c.post("/recommend", json={"history": [0, 1], "k": 5, "mode": "agent"})
+        assert res.status_code == 200, res.text
+        body = res.json()
+        ids = [it["item_id"] for it in body["items"]]
+        assert len(ids) == 5 and len(set(ids)) == 5 and not {0, 1} & set(ids)
+        # An untrained model never closes a call in 4 tokens: every turn is malformed and says why.
+        turns = body["transcript"]["turns"]
+        assert turns and all(t["kind"] == "malformed" and t["error"] for t in turns)
+        assert body["transcript"]["closed"] is False and body["rationale"] is None
+
+
 def test_malformed_json_is_a_422(service):
     with client(service) as c:
         res = c.post("/recommend", content=b"{not json", headers={"content-type": "application/json"})

@@ -103,6 +103,19 @@ def resolve_history(items, tokens: list[str]) -> list[int]:
     return out
 
 
+def print_transcript(tr: dict) -> None:
+    """The agent's turns as a person reads them."""
+    for n, turn in enumerate(tr["turns"], 1):
+        print(f"turn {n} ({turn['kind']}): {turn['reasoning']}")
+        if turn.get("preference"):
+            print(f"  calls the TRM with: {turn['preference']}")
+        if turn.get("error"):
+            print(f"  error: {turn['error']}")
+    for n, items in enumerate(tr["retrieved"], 1):
+        print(f"call {n} retrieved: {'; '.join(str(t)[:30] for t in items)}")
+    print(f"closed by the model: {tr['closed']}\n")
+
+
 def cmd_recommend(args) -> int:
     import pandas as pd
 
@@ -125,6 +138,12 @@ def cmd_recommend(args) -> int:
             rec, [history], k=width, num_beams=width, max_think_tokens=args.max_think_tokens
         )
         print(f"rationale: {rationales[0]}\n")
+    elif args.mode == "agent":
+        from genrec.serve.service import load_service
+
+        service = load_service(run_dir, args.stage)
+        out, transcripts = service._agent([history], width)
+        print_transcript(transcripts[0])
     else:
         out = rec.recommend([history], num_beams=width, k=width)
     print(f"{'rank':>4}  {'item_id':>7}  {'score':>8}  title")
@@ -221,13 +240,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--history", nargs="+", required=True, help="item ids or exact titles, oldest first")
     p.add_argument("-k", type=int, default=10, help="how many items to return")
     p.add_argument(
-        "--stage", default="sft", choices=["sft", "rl", "gream_sft", "gream_rl"], help="which model of the run"
+        "--stage",
+        default="sft",
+        choices=["sft", "rl", "gream_sft", "gream_rl", "agent_sft", "agent_rl"],
+        help="which model of the run",
     )
     p.add_argument(
         "--mode",
         default="direct",
-        choices=["direct", "reasoning"],
-        help="direct: constrained beam search; reasoning: a rationale first (GREAM models), then the SID",
+        choices=["direct", "reasoning", "agent"],
+        help="direct: constrained beam search; reasoning: a rationale first (GREAM models), then the SID; "
+        "agent: turns of reasoning and TRM calls, then a ranking of the candidates (DeepRec models), with "
+        "the transcript printed",
     )
     p.add_argument("--max-think-tokens", type=int, default=48, help="reasoning mode: the rationale's token budget")
     p.add_argument("--num-beams", type=int, default=20)

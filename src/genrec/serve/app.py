@@ -52,7 +52,10 @@ class RecommendedItem(BaseModel):
     item_id: int
     title: str
     sid: str = Field(description="the item's Semantic ID tokens, e.g. <a_12><b_3><c_200>")
-    score: float = Field(description="sum of the SID tokens' log-probabilities under the model")
+    score: float = Field(
+        description="direct and reasoning modes: the sum of the SID tokens' log-probabilities; agent mode: "
+        "minus the rank (the agent's list is an order)"
+    )
 
 
 class RecommendResponse(BaseModel):
@@ -61,8 +64,11 @@ class RecommendResponse(BaseModel):
     k: int
     mode: str
     exclude_seen: bool
-    model: str = Field(description="which model of the run answered: sft or rl")
+    model: str = Field(description="which model of the run answered (a model stage: sft, rl, agent_sft, ...)")
     rationale: str | None = Field(None, description="reasoning mode: the model's rationale, <think> first")
+    transcript: dict | None = Field(
+        None, description="agent mode: the turns (reasoning, tool calls, errors), what each call retrieved, the answer"
+    )
 
 
 class Item(BaseModel):
@@ -267,6 +273,7 @@ def create_app(service: RecommendService, cfg: ServeConfig) -> FastAPI:
             exclude_seen=body.exclude_seen,
             model=service.model_name,
             rationale=answer.rationale,
+            transcript=answer.transcript,
         )
 
     @app.get(

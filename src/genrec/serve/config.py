@@ -38,7 +38,8 @@ class ServeConfig:
     api_key: str = ""
     # Serve a non-loopback address without an API key (a trusted network behind a proxy).
     allow_unauthenticated: bool = False
-    # Which model of the run: "auto" (rl when the run has one, else sft), "sft" or "rl".
+    # Which model of the run: "auto" (the first trained of rl, sft, agent_rl, agent_sft, gream_rl,
+    # gream_sft), or one of those stage names.
     model: str = "auto"
     # "cpu", "cuda", ... (empty: cuda when available, else cpu).
     device: str = ""
@@ -71,7 +72,8 @@ class ServeConfig:
                 raise ConfigError(msg)
 
         check(0 <= self.port <= 65535, f"serve.port must be in 0..65535, got {self.port}")
-        check(self.model in ("auto", "sft", "rl"), f"serve.model must be 'auto', 'sft' or 'rl', got {self.model!r}")
+        models = ("auto", "rl", "sft", "agent_rl", "agent_sft", "gream_rl", "gream_sft")
+        check(self.model in models, f"serve.model must be one of {', '.join(models)}; got {self.model!r}")
         check(
             min(self.num_beams, self.max_k, self.max_think_tokens) >= 1,
             "serve.num_beams, serve.max_k and serve.max_think_tokens must be >= 1",

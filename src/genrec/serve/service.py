@@ -16,10 +16,11 @@ import numpy as np
 import pandas as pd
 
 # Inference modes: mode -> what it does. A run serves those its model was trained for
-# (``RecommendService.modes``); the agent mode registers here when it exists.
+# (``RecommendService.modes``).
 MODES = {
     "direct": "trie-constrained beam search over the Semantic IDs",
     "reasoning": "a greedy rationale first (models trained with GREAM's gream_reason task), then the beam search",
+    "agent": "DeepRec: the model calls the run's TRM over several turns, then ranks the candidates (agent_sft/agent_rl models)",
 }
 
 
@@ -39,6 +40,7 @@ class Query:
 class Answer:
     items: list[tuple[int, float]]  # (item_id, score), best first, at most k
     rationale: str | None = None  # the reasoning mode's rationale text
+    transcript: dict | None = None  # the agent mode's turns, retrieved items and answer
 
 
 class Catalogue:
@@ -109,13 +111,27 @@ class RecommendService:
     """A trained recommender behind a catalogue; ``decode`` runs in the batch thread only."""
 
     def __init__(
-        self, recommender, catalogue: Catalogue, model_name: str, num_beams: int = 20, max_think_tokens: int = 48
+        self,
+        recommender,
+        catalogue: Catalogue,
+        model_name: str,
+        num_beams: int = 20,
+        max_think_tokens: int = 48,
+        retriever=None,
+        agent_cfg=None,
     ):
         if recommender.num_items != len(catalogue):
             raise ValueError(f"the model knows {recommender.num_items} items but the catalogue has {len(catalogue)}")
         self.recommender, self.catalogue, self.model_name = recommender, catalogue, model_name
         self.num_beams, self.max_think_tokens = num_beams, max_think_tokens
         self.modes = ["direct"] + (["reasoning"] if _has_reasoning(recommender) else [])
+        # The agent mode needs a model trained with the deeprec task and the run's TRM.
+        self.retriever, self.agent_cfg = retriever, agent_cfg
+        if retriever is not None and _has_agent(recommender):
+            from genrec.agent.loop import AgentFormat
+
+            self.agent_fmt = AgentFormat(recommender, catalogue.titles, agent_cfg)
+            self.modes.append("agent")
 
     def beam_width(self, query: Query) -> int:
         """num_beams, doubled until the beams hold k items after dropping the excluded seen ones."""
@@ -140,12 +156,15 @@ class RecommendService:
         for (mode, width), rows in groups.items():
             histories = [list(queries[i].history) for i in rows]
             rationales: list[str | None] = [None] * len(rows)
+            transcripts: list[dict | None] = [None] * len(rows)
             if mode == "reasoning":
                 from genrec.methods.gream.reasoning import reasoning_recommend
 
                 out, rationales = reasoning_recommend(
                     self.recommender, histories, k=width, max_think_tokens=self.max_think_tokens, num_beams=width
                 )
+            elif mode == "agent":
+                out, transcripts = self._agent(histories, width)
             else:
                 out = self.recommender.recommend(histories, num_beams=width, k=width)
             items, scores = out.items.cpu().tolist(), out.scores.cpu().tolist()  # (B, width) each
@@ -153,12 +172,33 @@ class RecommendService:
                 q = queries[i]
                 seen = set(q.history) if q.exclude_seen else set()
                 ranked = [(it, sc) for it, sc in zip(items[row], scores[row]) if it >= 0 and it not in seen]
-                answers[i] = Answer(ranked[: q.k], rationales[row])
+                answers[i] = Answer(ranked[: q.k], rationales[row], transcripts[row])
         return answers
+
+    def _agent(self, histories: list[list[int]], width: int):
+        """The agent mode as a BeamOutput-like (items, scores) pair, and each transcript."""
+        from types import SimpleNamespace
+
+        import torch
+
+        from genrec.agent.loop import run_agent
+
+        hist = [np.asarray(h, dtype=np.int64) for h in histories]
+        out = run_agent(self.recommender, self.retriever, self.agent_fmt, hist, hist, self.agent_cfg, width)
+        items = torch.as_tensor(out.ranked)
+        # Rank scores (the agent's list is an order, not a likelihood over all items): 0, -1, -2, ...
+        scores = -torch.arange(width, dtype=torch.float32).expand(len(hist), -1).clone()
+        return SimpleNamespace(items=items, scores=scores), [t.to_json(self.catalogue.titles) for t in out.transcripts]
 
     def warm_up(self) -> None:
         """One decode per mode, so the first request does not pay for lazy initialisation."""
         self.decode([Query((0,), 1, False, mode) for mode in self.modes])
+
+
+def _has_agent(recommender) -> bool:
+    from genrec.agent.protocol import AGENT_TASK
+
+    return AGENT_TASK in recommender.fmt.heads
 
 
 def _has_reasoning(recommender) -> bool:
@@ -168,13 +208,18 @@ def _has_reasoning(recommender) -> bool:
 
 
 def model_dir_for(run_dir: Path, model: str) -> tuple[str, Path]:
-    """(name, directory) of the run's model: ``model`` is "sft", "rl" or "auto" (rl when present)."""
+    """(name, directory) of the run's model: a model stage's name, or "auto" (the first trained of
+    rl, sft, agent_rl, agent_sft, gream_rl, gream_sft)."""
     if model == "auto":
-        model = "rl" if (run_dir / "rl" / "model" / "genrec.json").is_file() else "sft"
+        trained = [m for m in MODEL_STAGES if (run_dir / m / "model" / "genrec.json").is_file()]
+        model = trained[0] if trained else "sft"
     path = run_dir / model / "model"
     if not (path / "genrec.json").is_file():
         raise FileNotFoundError(f"{path} holds no trained model: run the '{model}' stage of {run_dir} first")
     return model, path
+
+
+MODEL_STAGES = ("rl", "sft", "agent_rl", "agent_sft", "gream_rl", "gream_sft")
 
 
 def load_service(
@@ -193,4 +238,15 @@ def load_service(
     if len(items) != recommender.num_items:
         raise ValueError(f"{path} was trained on {recommender.num_items} items but {items_path} has {len(items)}")
     sids = [recommender.vocab.sid_string(codes) for codes in recommender.codes]
-    return RecommendService(recommender, Catalogue(items, sids), name, num_beams, max_think_tokens)
+    retriever = agent_cfg = None
+    if _has_agent(recommender) and (run_dir / "trm" / "done.json").is_file():
+        from genrec.agent.config import AgentConfig
+        from genrec.agent.trm import Retriever
+        from genrec.io import read_json
+
+        retriever = Retriever.load(run_dir, device)
+        section = read_json(run_dir / name / "done.json")["config"].get("agent", {})
+        agent_cfg = AgentConfig(**section)
+    return RecommendService(
+        recommender, Catalogue(items, sids), name, num_beams, max_think_tokens, retriever, agent_cfg
+    )
