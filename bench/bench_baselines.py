@@ -20,6 +20,18 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"ml-100k": "configs/ml-100k.yaml", "beauty": "configs/beauty.yaml", "scientific": "configs/scientific.yaml"}
 
 
+def previous_sections(path: Path, names=CONFIGS) -> dict[str, str]:
+    """The per-dataset sections (``### name: ...``) of an earlier results file, keyed by dataset name."""
+    if not path.is_file():
+        return {}
+    sections = {}
+    for chunk in path.read_text().split("\n### ")[1:]:
+        name = chunk.split(":", 1)[0].strip()
+        if name in names:
+            sections[name] = "### " + chunk.rstrip("\n") + "\n"
+    return sections
+
+
 def main() -> int:
     from genrec.config import load_config
     from genrec.eval.aggregate import collect, format_summary, run_seeds, summarise
@@ -31,7 +43,8 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "bench/out/baselines")
     args = ap.parse_args()
 
-    sections = []
+    out = ROOT / "bench/results/baselines.md"
+    sections = previous_sections(out)
     for name in args.datasets:
         run_dir = args.out / name
         cfg = load_config(ROOT / CONFIGS[name], [f"run_dir={run_dir}", "stages=[prepare, popularity, sasrec]"])
@@ -42,22 +55,23 @@ def main() -> int:
         summary = summarise(collect(run_dirs))
         stats = read_json(run_dirs[0] / "prepare/stats.json")
         train_s = [read_json(d / "sasrec/done.json")["summary"]["train_seconds"] for d in run_dirs]
-        sections.append(
+        sections[name] = (
             f"### {name}: {stats['users']:,} users, {stats['items']:,} items, {stats['interactions']:,} interactions\n\n"
+            f"Command: `python bench/bench_baselines.py --datasets {name} --seeds {' '.join(map(str, args.seeds))}`; "
+            f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, "
+            f"{time.strftime('%Y-%m-%d')}.\n\n"
             f"{format_summary(summary)}\n\n"
             f"SASRec training time per seed: {', '.join(f'{s / 60:.1f} min' for s in train_s)}; "
             f"wall time for the dataset (all seeds, both models): {wall / 60:.1f} min.\n"
         )
     header = (
         "# Classic baselines\n\n"
-        f"Command: `python bench/bench_baselines.py --datasets {' '.join(args.datasets)} --seeds "
-        f"{' '.join(map(str, args.seeds))}`\n\n"
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_version()}; "
-        f"{time.strftime('%Y-%m-%d')}. Test split, leave-one-out, full ranking, seen items excluded, "
-        f"mean ± std over seeds {args.seeds}.\n\n"
+        "Test split, leave-one-out, full ranking, seen items excluded, mean ± std over the seeds. "
+        "Each dataset's section gives the command and machine that produced it; rerunning one dataset "
+        "keeps the others' sections.\n\n"
     )
-    out = ROOT / "bench/results/baselines.md"
-    atomic_write_text(out, header + "\n".join(sections))
+    ordered = [sections[n] for n in CONFIGS if n in sections]
+    atomic_write_text(out, header + "\n".join(ordered))
     print(out.read_text())
     return 0
 
