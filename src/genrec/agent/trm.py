@@ -410,20 +410,6 @@ class Retriever:
 # --------------------------------------------------------------------------- training
 
 
-def _valid_ndcg(model: PreferenceTRM, dataset: Dataset, batch: int = 512) -> float:
-    from genrec.eval.evaluate import topk_from_scores
-    from genrec.eval.metrics import ndcg_at_k, target_ranks
-
-    valid = dataset.examples("valid")
-    ranked = np.concatenate(
-        [
-            topk_from_scores(model.score(valid.histories[s : s + batch]), valid.seen[s : s + batch], 10, True)
-            for s in range(0, len(valid), batch)
-        ]
-    )
-    return ndcg_at_k(target_ranks(ranked, valid.targets), 10)
-
-
 def train_trm(
     dataset: Dataset,
     item_emb: np.ndarray,
@@ -438,7 +424,6 @@ def train_trm(
     ``item_emb`` (N, D) is the frozen item text embedding; ``phrase_emb_of_item`` the phrases the
     training preferences are drawn from (:func:`item_phrases`).
     """
-    from tqdm import tqdm
 
     if item_emb.shape[0] != dataset.num_items:
         raise ValueError(f"item_emb has {item_emb.shape[0]} rows for {dataset.num_items} items: rerun the embed stage")
@@ -448,6 +433,8 @@ def train_trm(
             f"phrase embeddings are {phrases.emb.shape[1]}-d but item embeddings {item_emb.shape[1]}-d: "
             "embed both with the same encoder"
         )
+    from genrec.train.epochs import fit_epochs, valid_ndcg
+
     torch.manual_seed(seed)
     model = PreferenceTRM(
         item_emb, max_history, cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.dropout, cfg.temperature
@@ -457,25 +444,11 @@ def train_trm(
     inputs_t, targets_t = torch.as_tensor(inputs), torch.as_tensor(targets)
     phrase_ids = torch.as_tensor(phrases.ids)
     phrase_emb = torch.as_tensor(phrases.emb)
+    valid = dataset.examples("valid")
 
-    Path(work_dir).mkdir(parents=True, exist_ok=True)
-    ckpt_path = Path(work_dir) / "checkpoint.pt"
-    state = {"epoch": 0, "best": -1.0, "best_epoch": -1, "bad_evals": 0, "curves": [], "seconds": 0.0}
-    best_state = None
-    if ckpt_path.is_file():
-        blob = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        model.load_state_dict(blob["model"])
-        opt.load_state_dict(blob["opt"])
-        state, best_state = blob["state"], blob["best_model"]
-        torch.set_rng_state(blob["rng"])  # dropout masks and preference draws continue where they stopped
-        log.info("trm: resumed from epoch %d", state["epoch"])
-
-    started = time.time() - state["seconds"]
-    bar = tqdm(total=cfg.max_epochs, initial=state["epoch"], desc="trm", unit="epoch")
-    while state["epoch"] < cfg.max_epochs:
-        epoch = state["epoch"]
-        model.train()
-        # The shuffle depends on (seed, epoch) only, so a resumed run sees the same batches.
+    def train_epoch(epoch: int) -> dict:
+        # The shuffle depends on (seed, epoch) only, so a resumed run sees the same batches; the
+        # preference draws come from the torch RNG, which the checkpoint restores.
         perm = torch.randperm(len(inputs_t), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
         total, count, total_text, count_text = 0.0, 0, 0.0, 0
         for start in range(0, len(perm), cfg.batch_size):
@@ -497,49 +470,11 @@ def train_trm(
             count += len(losses)
             total_text += losses[with_text].sum().item()
             count_text += int(with_text.sum())
-        state["epoch"] = epoch + 1
-        row = {"epoch": epoch + 1, "loss": total / max(count, 1), "loss_with_text": total_text / max(count_text, 1)}
-        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.max_epochs:
-            model.eval()
-            ndcg = _valid_ndcg(model, dataset)
-            row["valid_ndcg@10"] = ndcg
-            if ndcg > state["best"]:
-                state.update(best=ndcg, best_epoch=epoch + 1, bad_evals=0)
-                best_state = {k: v.clone() for k, v in model.state_dict().items()}
-            else:
-                state["bad_evals"] += 1
-        state["curves"].append(row)
-        state["seconds"] = time.time() - started
-        bar.update(1)
-        bar.set_postfix(loss=f"{row['loss']:.3f}", best=f"{state['best']:.4f}")
-        tmp = ckpt_path.with_suffix(".tmp")
-        torch.save(
-            {
-                "model": model.state_dict(),
-                "opt": opt.state_dict(),
-                "state": state,
-                "best_model": best_state,
-                "rng": torch.get_rng_state(),
-            },
-            tmp,
-        )
-        tmp.replace(ckpt_path)
-        if state["bad_evals"] >= cfg.patience:
-            log.info(
-                "trm: early stop at epoch %d (best valid ndcg@10 %.4f at %d)",
-                epoch + 1,
-                state["best"],
-                state["best_epoch"],
-            )
-            break
-        if cfg.max_minutes and state["seconds"] > 60 * cfg.max_minutes:
-            log.info("trm: stopping at the %.1f-minute budget", cfg.max_minutes)
-            break
-    bar.close()
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    model.eval()
-    return model, state["curves"]
+        return {"loss": total / max(count, 1), "loss_with_text": total_text / max(count_text, 1)}
+
+    # Valid NDCG@10 without a preference: what the TRM alone gives.
+    curves = fit_epochs("trm", model, opt, train_epoch, lambda: valid_ndcg(model.score, valid), cfg, work_dir)
+    return model, curves
 
 
 # --------------------------------------------------------------------------- does text steer?

@@ -145,11 +145,8 @@ def training_windows(train_seqs: list[np.ndarray], max_len: int) -> tuple[np.nda
 def train_sasrec(
     dataset: Dataset, cfg: SASRecConfig, max_history: int, seed: int, work_dir: Path, eval_batch: int = 512
 ) -> tuple[SASRec, list[dict]]:
-    """Train with early stopping on valid NDCG@10; resumes from ``work_dir/checkpoint.pt``."""
-    from tqdm import tqdm
-
-    from genrec.eval.evaluate import topk_from_scores
-    from genrec.eval.metrics import ndcg_at_k, target_ranks
+    """Train with early stopping on valid NDCG@10; resumes from ``work_dir/checkpoint.pt`` (``fit_epochs``)."""
+    from genrec.train.epochs import fit_epochs, valid_ndcg
 
     torch.manual_seed(seed)
     max_len = cfg.max_len or max_history
@@ -159,23 +156,7 @@ def train_sasrec(
     inputs_t, targets_t = torch.as_tensor(inputs), torch.as_tensor(targets)
     valid = dataset.examples("valid")
 
-    Path(work_dir).mkdir(parents=True, exist_ok=True)
-    ckpt_path = Path(work_dir) / "checkpoint.pt"
-    state = {"epoch": 0, "best": -1.0, "best_epoch": -1, "bad_evals": 0, "curves": [], "seconds": 0.0}
-    best_state = None
-    if ckpt_path.is_file():
-        blob = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        model.load_state_dict(blob["model"])
-        opt.load_state_dict(blob["opt"])
-        state, best_state = blob["state"], blob["best_model"]
-        torch.set_rng_state(blob["rng"])  # dropout masks continue exactly where they stopped
-        log.info("sasrec: resumed from epoch %d", state["epoch"])
-
-    started = time.time() - state["seconds"]
-    bar = tqdm(total=cfg.max_epochs, initial=state["epoch"], desc="sasrec", unit="epoch")
-    while state["epoch"] < cfg.max_epochs:
-        epoch = state["epoch"]
-        model.train()
+    def train_epoch(epoch: int) -> dict:
         # The shuffle depends on (seed, epoch) only, so a resumed run sees the same batches.
         perm = torch.randperm(len(inputs_t), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
         total, count = 0.0, 0
@@ -191,60 +172,12 @@ def train_sasrec(
             opt.step()
             total += loss.item() * len(logits)
             count += len(logits)
-        state["epoch"] = epoch + 1
-        row = {"epoch": epoch + 1, "loss": total / max(count, 1)}
-        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.max_epochs:
-            model.eval()
-            ranked = np.concatenate(
-                [
-                    topk_from_scores(
-                        model.score(valid.histories[s : s + eval_batch]),
-                        valid.seen[s : s + eval_batch],
-                        10,
-                        exclude_seen=True,
-                    )
-                    for s in range(0, len(valid), eval_batch)
-                ]
-            )
-            ndcg = ndcg_at_k(target_ranks(ranked, valid.targets), 10)
-            row["valid_ndcg@10"] = ndcg
-            if ndcg > state["best"]:
-                state.update(best=ndcg, best_epoch=epoch + 1, bad_evals=0)
-                best_state = {k: v.clone() for k, v in model.state_dict().items()}
-            else:
-                state["bad_evals"] += 1
-        state["curves"].append(row)
-        state["seconds"] = time.time() - started
-        bar.update(1)
-        bar.set_postfix(loss=f"{row['loss']:.3f}", best=f"{state['best']:.4f}")
-        tmp = ckpt_path.with_suffix(".tmp")
-        torch.save(
-            {
-                "model": model.state_dict(),
-                "opt": opt.state_dict(),
-                "state": state,
-                "best_model": best_state,
-                "rng": torch.get_rng_state(),
-            },
-            tmp,
-        )
-        tmp.replace(ckpt_path)
-        if state["bad_evals"] >= cfg.patience:
-            log.info(
-                "sasrec: early stop at epoch %d (best valid ndcg@10 %.4f at %d)",
-                epoch + 1,
-                state["best"],
-                state["best_epoch"],
-            )
-            break
-        if cfg.max_minutes and state["seconds"] > 60 * cfg.max_minutes:
-            log.info("sasrec: stopping at the %.1f-minute budget", cfg.max_minutes)
-            break
-    bar.close()
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    model.eval()
-    return model, state["curves"]
+        return {"loss": total / max(count, 1)}
+
+    curves = fit_epochs(
+        "sasrec", model, opt, train_epoch, lambda: valid_ndcg(model.score, valid, eval_batch), cfg, work_dir
+    )
+    return model, curves
 
 
 def run(ctx) -> dict:
