@@ -226,6 +226,7 @@ class PopularRetriever:
     """A stand-in TRM: a fixed score per item, seen and excluded items never returned."""
 
     def __init__(self, num_items):
+        self.num_items = num_items
         self.scores = torch.linspace(1.0, 0.0, num_items)
 
     def retrieve(self, histories, preferences, n, exclude=None):

@@ -113,7 +113,7 @@ def run_agent(
     transcripts = [Transcript() for _ in range(batch)]
     excluded = [set(map(int, s)) for s in seen]
     open_rows = list(range(batch))
-    stops = [agent_fmt.pref_end, agent_fmt.think_end]
+    stops, tags = [agent_fmt.pref_end, agent_fmt.think_end], (PREF_END, THINK_END)
 
     def add(b: int, ids: Sequence[int], by_model: bool) -> None:
         ctx[b] += list(ids)
@@ -129,9 +129,7 @@ def run_agent(
         for b, ids, stop in zip(open_rows, out.ids, out.stop):
             tag = stops[stop] if stop >= 0 else []
             add(b, ids + tag, True)
-            parsed = parse_turn(
-                tok.decode(ids, skip_special_tokens=False), (PREF_END, THINK_END, "")[stop] if stop >= 0 else ""
-            )
+            parsed = parse_turn(tok.decode(ids, skip_special_tokens=False), tags[stop] if stop >= 0 else "")
             if parsed.kind == CALL and len(transcripts[b].calls) >= cfg.max_turns:
                 parsed = Turn(MALFORMED, parsed.reasoning, parsed.preference, f"no calls left after {cfg.max_turns}")
             transcripts[b].turns.append(parsed)
@@ -195,7 +193,7 @@ def rank_answers(
     fill, _ = retriever.retrieve(
         list(histories),
         [None] * batch,
-        k,
+        min(k, retriever.num_items),
         exclude=[np.concatenate([s, np.asarray(c, dtype=np.int64)]) for s, c in zip(seen, cands)],
     )
     ranked = np.full((batch, k), -1, dtype=np.int64)

@@ -64,7 +64,6 @@ def run_sft(ctx) -> dict:
     dataset = Dataset.load(ctx.input("prepare"), cfg.data.max_history)
     codes = _check_codes(np.load(ctx.input("sid") / "codes.npy"), dataset.num_items)
     texts = pd.read_parquet(ctx.input("text") / "items_text.parquet")["text"].astype(str).tolist()
-    ctx.input("trm"), ctx.input("embed")
     retriever = Retriever.load(ctx.run_dir)
     started = time.perf_counter()
     trajs = build_trajectories(
@@ -154,7 +153,6 @@ def run_eval(ctx) -> dict:
 
     dataset = Dataset.load(ctx.input("prepare"), ctx.cfg.data.max_history)
     recommender = GenerativeRecommender.load(ctx.input("agent_sft") / "model")
-    ctx.input("trm")
     res = evaluate_agent(ctx.cfg, dataset, recommender, Retriever.load(ctx.run_dir), ctx.out, "deeprec")
     return _summary(res)
 
@@ -166,7 +164,6 @@ def run_rl(ctx) -> dict:
 
     dataset = Dataset.load(ctx.input("prepare"), ctx.cfg.data.max_history)
     recommender = GenerativeRecommender.load(ctx.input("agent_sft") / "model")
-    ctx.input("trm")
     retriever = Retriever.load(ctx.run_dir)
     summary = train_agent_rl(ctx.cfg, dataset, recommender, retriever, ctx.out, ctx.work)
     res = evaluate_agent(ctx.cfg, dataset, recommender, retriever, ctx.out / "eval", "deeprec+rl")
