@@ -61,6 +61,7 @@ def test_turns_are_parsed_and_malformed_ones_say_why():
     for text, stop, why in [
         ("Drama", PREF_END, "</pref> without <pref>"),
         ("<pref> ;; ", PREF_END, "empty preference"),
+        ("<pref>\n;\t", PREF_END, "empty preference"),
         ("<pref> Drama", "", "ended without"),
     ]:
         turn = parse_turn(text, stop)

@@ -127,7 +127,18 @@ def cmd_recommend(args) -> int:
     model_dir = run_dir / args.stage / "model"
     if not model_dir.is_dir():
         raise FileNotFoundError(f"{model_dir} not found: run the '{args.stage}' stage first")
-    rec = GenerativeRecommender.load(model_dir)
+    if args.mode == "agent":
+        from genrec.serve.service import load_service
+
+        service = load_service(run_dir, args.stage)
+        if "agent" not in service.modes:
+            raise ValueError(
+                f"{model_dir} has no agent mode: it needs a model trained with the deeprec task "
+                f"(stage agent_sft or agent_rl) and the run's trm stage; this one serves {service.modes}"
+            )
+        rec = service.recommender
+    else:
+        rec = GenerativeRecommender.load(model_dir)
     seen = set(history) if args.exclude_seen else set()
     width = max(args.num_beams, args.k + len(seen))
     print(f"history: {', '.join(f'{i} ({items.title[i][:40]})' for i in history)}\n")
@@ -139,10 +150,7 @@ def cmd_recommend(args) -> int:
         )
         print(f"rationale: {rationales[0]}\n")
     elif args.mode == "agent":
-        from genrec.serve.service import load_service
-
-        service = load_service(run_dir, args.stage)
-        out, transcripts = service._agent([history], width)
+        out, transcripts = service._agent([history], width, [args.exclude_seen])
         print_transcript(transcripts[0])
     else:
         out = rec.recommend([history], num_beams=width, k=width)

@@ -127,7 +127,8 @@ def run_agent(
         )
         calls: list[int] = []
         for b, ids, stop in zip(open_rows, out.ids, out.stop):
-            tag = stops[stop] if stop >= 0 else []
+            # The stop tag, or the eos, is the model's own last token (RL puts gradient on it).
+            tag = stops[stop] if stop >= 0 else [fmt.eos_id] if stop == -1 else []
             add(b, ids + tag, True)
             parsed = parse_turn(tok.decode(ids, skip_special_tokens=False), tags[stop] if stop >= 0 else "")
             if parsed.kind == CALL and len(transcripts[b].calls) >= cfg.max_turns:
@@ -143,7 +144,7 @@ def run_agent(
             items, _ = retriever.retrieve(
                 [histories[b] for b in calls],
                 [transcripts[b].turns[-1].preference for b in calls],
-                cfg.retrieve_n,
+                min(cfg.retrieve_n, retriever.num_items),
                 exclude=[np.fromiter(excluded[b], dtype=np.int64) for b in calls],
             )
             for b, row in zip(calls, items):
@@ -156,13 +157,24 @@ def run_agent(
         add(b, agent_fmt.think_end, False)
 
     ranked = rank_answers(
-        recommender, retriever, agent_fmt, histories, seen, transcripts, ctx, gen, k, sample_answer, generator
+        recommender,
+        retriever,
+        agent_fmt,
+        histories,
+        seen,
+        transcripts,
+        ctx,
+        gen,
+        k,
+        sample_answer,
+        temperature,
+        generator,
     )
     return AgentRollout(transcripts, ctx, gen, ranked)
 
 
 def rank_answers(
-    recommender, retriever, agent_fmt, histories, seen, transcripts, ctx, gen, k, sample_answer, generator
+    recommender, retriever, agent_fmt, histories, seen, transcripts, ctx, gen, k, sample_answer, temperature, generator
 ):
     """Rank each transcript's candidates by the LLM's SID log-probability after ``<answer>``; fill to ``k``."""
     fmt = recommender.fmt
@@ -187,7 +199,9 @@ def rank_answers(
     if sample_answer:
         for b, c in enumerate(cands):
             if c:
-                first = int(torch.multinomial(scores[b, : len(c)].softmax(0), 1, generator=generator))
+                probs = (scores[b, : len(c)] / temperature).softmax(0)
+                device = generator.device if generator is not None else "cpu"
+                first = int(torch.multinomial(probs.to(device), 1, generator=generator))
                 order[b] = torch.cat([order[b][order[b] == first], order[b][order[b] != first]])
     # The TRM without a preference continues each list past its candidates (excluding them and the seen items).
     fill, _ = retriever.retrieve(
@@ -214,19 +228,19 @@ def agent_ranker(
 ):
     """A ranker for ``genrec.eval.evaluate.evaluate`` in agent mode; ``log`` collects the transcripts.
 
-    The harness passes histories only; the items the agent may not retrieve are the history's
-    own. The list is ``2 k`` long because the harness applies ``exclude_seen`` to every model's
-    list again, with every item before the target, and ``k`` must remain.
+    The harness passes every item before each target as ``seen`` (``wants_seen``): the agent
+    never retrieves them, as in its warm-up trajectories and RL rollouts.
     """
     agent_fmt = AgentFormat(recommender, titles, cfg)
     generator = torch.Generator(device=recommender.device).manual_seed(seed) if cfg.eval_temperature > 0 else None
 
-    def rank(histories: list[np.ndarray]) -> np.ndarray:
+    def rank(histories: list[np.ndarray], seen: list[np.ndarray]) -> np.ndarray:
         out = run_agent(
-            recommender, retriever, agent_fmt, histories, histories, cfg, 2 * k, cfg.eval_temperature, False, generator
+            recommender, retriever, agent_fmt, histories, seen, cfg, k, cfg.eval_temperature, False, generator
         )
         if log is not None:
             log.extend(out.transcripts)
         return out.ranked
 
+    rank.wants_seen = True
     return rank

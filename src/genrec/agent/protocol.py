@@ -23,6 +23,7 @@ can crash a rollout.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -111,6 +112,6 @@ def parse_turn(text: str, stop: str) -> Turn:
     head, sep, pref = text.rpartition(PREF)
     if not sep:
         return Turn(MALFORMED, text.strip(), error=f"{PREF_END} without {PREF}")
-    if not pref.strip(" ;,."):
+    if not re.sub(r"[\s;,.]", "", pref):
         return Turn(MALFORMED, head.strip(), error="empty preference")
     return Turn(CALL, head.strip(), preference=pref.strip())

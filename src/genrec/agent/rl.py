@@ -11,6 +11,9 @@ from the candidate scores), scores them with the hierarchical rewards of the cur
     loss = - sum_i A_i sum_{t in LLM tokens of i} log pi(y_t | y_<t) / (number of LLM tokens)
 
 with A the group-baseline advantage whitened over the batch (``group_baseline_advantages``).
+The top answer, drawn from the softmax of the candidates' SID log-probabilities, takes loss
+through its SID tokens' log-probability (a raised score raises its softmax share, but the
+gradient of the softmax's normaliser is left out: an approximation).
 Only tokens the LLM wrote take loss: the tool's lists and forced tags are masked. One update
 per rollout keeps the update on-policy, so the PPO ratio is 1 and DeepRec's clipping never
 acts; DeepRec uses no KL either. Every ``eval_every`` steps the agent mode is evaluated on a
@@ -155,7 +158,7 @@ def train_agent_rl(cfg, dataset: Dataset, recommender, retriever, out_dir: Path,
         rng = np.random.default_rng([cfg.seed, step])
         pick = rng.choice(keep, size=min(a.batch_size, len(keep)), replace=False)
         rep = np.repeat(pick, a.group_size)
-        gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
+        gen = torch.Generator(device=recommender.device).manual_seed(int(rng.integers(2**31)))
         model.eval()  # rollouts and loss without dropout: the sampled policy is the one trained
         rollout = run_agent(
             recommender,

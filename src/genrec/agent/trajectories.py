@@ -19,6 +19,7 @@ LLM writes (reasoning, calls, closing tag, answer) and never on the tool's lists
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -29,6 +30,8 @@ from genrec.agent.protocol import AGENT_TASK, ITEMS, ITEMS_END, PREF, PREF_END, 
 from genrec.methods.gream.chains import chain_positions, intent_label, item_labels, label_scores, top_labels
 from genrec.model.prompt import PromptFormat
 from genrec.tasks.base import Example, TaskData
+
+log = logging.getLogger("genrec")
 
 
 @dataclass
@@ -90,7 +93,7 @@ def build_trajectories(
             items, _ = retriever.retrieve(
                 [chunk[j].history for j in todo],
                 [chunk[j].preferences[call] for j in todo],
-                cfg.retrieve_n,
+                min(cfg.retrieve_n, retriever.num_items),
                 exclude=[np.asarray(excluded[j], dtype=np.int64) for j in todo],
             )
             for j, row in zip(todo, items):
@@ -127,6 +130,24 @@ class AgentTask:
         cap = data.max_text_tokens
         self.text_ids = {text: list(row[:cap]) for text, row in zip(texts, ids)}
         self.lengths = np.asarray([len(self._ids(m)[0]) for m in range(len(self.trajs))], dtype=np.int64)
+        # A turn longer than the inference budget can never be written whole: every such turn
+        # would end malformed at evaluation.
+        longest = (
+            max(
+                (len(self.text_ids[" " + r]) + len(self.pref) + len(self.text_ids[" " + p]) + len(self.pref_end))
+                for t in self.trajs
+                for r, p in zip(t.reasoning, t.preferences)
+            )
+            if self.trajs
+            else 0
+        )
+        if longest > cfg.turn_tokens:
+            log.warning(
+                "deeprec: the longest warm-up turn is %d tokens but agent.turn_tokens is %d: raise it, or the "
+                "model cannot finish such turns at inference",
+                longest,
+                cfg.turn_tokens,
+            )
 
     def _ids(self, m: int) -> tuple[list[int], list[bool]]:
         """The trajectory's ids and, per id, whether it takes loss (the LLM wrote it)."""

@@ -29,8 +29,11 @@ from genrec.data.dataset import Dataset, Examples
 from genrec.eval.metrics import bootstrap_ci, compute_metrics, target_ranks
 from genrec.io import write_json
 
-# histories -> scores (B, N) or ranked item ids (B, M)
-Ranker = Callable[[list[np.ndarray]], "np.ndarray | object"]
+# histories -> scores (B, N) or ranked item ids (B, M). A ranker with the attribute
+# ``wants_seen = True`` is called as ranker(histories, seen): every item before each target
+# (input-side data, never the target), for models that must not retrieve seen items (DeepRec's
+# agent); the harness still applies exclude_seen to its list like every other model's.
+Ranker = Callable[..., "np.ndarray | object"]
 
 
 def topk_from_scores(scores, seen: Sequence[np.ndarray], k: int, exclude_seen: bool) -> np.ndarray:
@@ -74,7 +77,7 @@ def rank_examples(ranker: Ranker, examples: Examples, cfg: EvalConfig, num_items
     ):
         sl = slice(start, start + cfg.batch_size)
         hist, seen = examples.histories[sl], examples.seen[sl]
-        res = ranker(hist)
+        res = ranker(hist, seen) if getattr(ranker, "wants_seen", False) else ranker(hist)
         res = res.detach().cpu().numpy() if isinstance(res, torch.Tensor) else np.asarray(res)
         if res.dtype.kind == "f":
             if res.shape != (len(hist), num_items):

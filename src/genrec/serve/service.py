@@ -164,7 +164,7 @@ class RecommendService:
                     self.recommender, histories, k=width, max_think_tokens=self.max_think_tokens, num_beams=width
                 )
             elif mode == "agent":
-                out, transcripts = self._agent(histories, width)
+                out, transcripts = self._agent(histories, width, [queries[i].exclude_seen for i in rows])
             else:
                 out = self.recommender.recommend(histories, num_beams=width, k=width)
             items, scores = out.items.cpu().tolist(), out.scores.cpu().tolist()  # (B, width) each
@@ -175,8 +175,12 @@ class RecommendService:
                 answers[i] = Answer(ranked[: q.k], rationales[row], transcripts[row])
         return answers
 
-    def _agent(self, histories: list[list[int]], width: int):
-        """The agent mode as a BeamOutput-like (items, scores) pair, and each transcript."""
+    def _agent(self, histories: list[list[int]], width: int, exclude_seen: Sequence[bool]):
+        """The agent mode as a BeamOutput-like (items, scores) pair, and each transcript.
+
+        The TRM never returns the history's items where the query excludes seen items; where
+        it does not, it may.
+        """
         from types import SimpleNamespace
 
         import torch
@@ -184,7 +188,8 @@ class RecommendService:
         from genrec.agent.loop import run_agent
 
         hist = [np.asarray(h, dtype=np.int64) for h in histories]
-        out = run_agent(self.recommender, self.retriever, self.agent_fmt, hist, hist, self.agent_cfg, width)
+        seen = [h if ex else h[:0] for h, ex in zip(hist, exclude_seen)]
+        out = run_agent(self.recommender, self.retriever, self.agent_fmt, hist, seen, self.agent_cfg, width)
         items = torch.as_tensor(out.ranked)
         # Rank scores (the agent's list is an order, not a likelihood over all items): 0, -1, -2, ...
         scores = -torch.arange(width, dtype=torch.float32).expand(len(hist), -1).clone()
