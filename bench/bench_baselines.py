@@ -44,7 +44,7 @@ def main() -> int:
     args = ap.parse_args()
 
     out = ROOT / "bench/results/baselines.md"
-    sections = previous_sections(out)
+    sections = {}
     for name in args.datasets:
         run_dir = args.out / name
         cfg = load_config(ROOT / CONFIGS[name], [f"run_dir={run_dir}", "stages=[prepare, popularity, sasrec]"])
@@ -70,6 +70,9 @@ def main() -> int:
         "Each dataset's section gives the command and machine that produced it; rerunning one dataset "
         "keeps the others' sections.\n\n"
     )
+    # Read the other datasets' sections only now, so that benchmarks of other datasets that
+    # finished while this one ran are kept.
+    sections = {**previous_sections(out), **sections}
     ordered = [sections[n] for n in CONFIGS if n in sections]
     atomic_write_text(out, header + "\n".join(ordered))
     print(out.read_text())

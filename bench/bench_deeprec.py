@@ -59,7 +59,7 @@ def main() -> int:
     args = ap.parse_args()
 
     out = ROOT / "bench/results/deeprec.md"
-    sections = previous_sections(out, CONFIGS)
+    sections = {}
     for name in args.datasets:
         run_dir = args.out / name
         cfg = load_config(ROOT / CONFIGS[name], [f"run_dir={run_dir}", *args.overrides])
@@ -85,6 +85,7 @@ def main() -> int:
         "Test split, leave-one-out, full ranking, seen items excluded, mean ± std over the seeds. "
         "Each dataset's section gives its command and machine.\n\n"
     )
+    sections = {**previous_sections(out, CONFIGS), **sections}  # read now: keep sections written meanwhile
     atomic_write_text(out, header + "\n".join(sections[n] for n in CONFIGS if n in sections))
     print(out.read_text())
     return 0
