@@ -30,6 +30,32 @@ TINY_GENERATIVE = [
 ]
 
 
+def held_out_dataset(num_users: int = 40, train_items: int = 30, max_train: int = 12):
+    """Users over items 0..train_items-1 in training; every valid and test target an item of its own.
+
+    User u's valid and test targets are items ``train_items + 2u`` and ``train_items + 2u + 1``,
+    so any of them in a training example is a leak that a test can see.
+    """
+    from genrec.data.dataset import Dataset
+
+    items, sequences = make_dataset_frames(num_users=num_users, num_items=train_items + 2 * num_users)
+    rng = np.random.default_rng(1)
+    seqs = []
+    for u in range(len(sequences)):
+        train = rng.choice(train_items, size=int(rng.integers(6, max_train)), replace=False)
+        seqs.append(np.concatenate([train, [train_items + 2 * u, train_items + 2 * u + 1]]).astype(np.int64))
+    sequences = sequences.assign(
+        item_ids=seqs, valid_pos=[len(s) - 2 for s in seqs], test_pos=[len(s) - 1 for s in seqs]
+    )
+    return Dataset(items, sequences, max_history=5)
+
+
+def tiny_codes(num_items: int) -> np.ndarray:
+    """Unique random 3-level SIDs (4 x 8 x 8) for ``num_items`` items: (N, 3)."""
+    flat = np.random.default_rng(0).choice(4 * 8 * 8, size=num_items, replace=False)
+    return np.stack([flat // 64, flat // 8 % 8, flat % 8], axis=1)
+
+
 def shared_data_or_skip(sub: str = "") -> Path:
     path = SHARED_DATA / sub
     if not path.exists():

@@ -11,26 +11,14 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from conftest import make_dataset_frames  # noqa: E402
+from conftest import TINY_GENERATIVE, held_out_dataset, tiny_codes  # noqa: E402
 from genrec.agent import loop, protocol, rewards, trajectories  # noqa: E402
 from genrec.agent.protocol import CLOSE, MALFORMED, PREF_END, THINK_END, parse_turn  # noqa: E402
 from genrec.config import ConfigError, load_config  # noqa: E402
-from genrec.data.dataset import Dataset  # noqa: E402
 
 TINY = [
-    "model.hidden_size=32",
-    "model.num_layers=2",
-    "model.num_heads=2",
-    "model.num_kv_heads=1",
-    "model.intermediate_size=64",
-    "model.text_vocab_size=300",
+    *TINY_GENERATIVE,
     "sft.batch_tokens=2048",
-    "sft.warmup_steps=2",
-    "data.max_history=5",
-    "decode.num_beams=10",
-    "decode.batch_size=16",
-    "eval.ks=[1,5]",
-    "eval.bootstrap=0",
     "agent.retrieve_n=4",
     "agent.max_turns=2",
     "agent.turn_tokens=12",
@@ -157,37 +145,18 @@ class FakeRetriever:
         return torch.nn.functional.normalize(out + 1e-3, dim=-1)
 
 
-def held_out_dataset() -> Dataset:
-    """30 users over items 0..29 in training; each valid and test target an item (30..89) of its own."""
-    items, sequences = make_dataset_frames(num_users=30, num_items=90)
-    rng = np.random.default_rng(1)
-    seqs = []
-    for u in range(len(sequences)):
-        train = rng.choice(30, size=int(rng.integers(6, 10)), replace=False)
-        seqs.append(np.concatenate([train, [30 + 2 * u, 31 + 2 * u]]).astype(np.int64))
-    sequences = sequences.assign(
-        item_ids=seqs, valid_pos=[len(s) - 2 for s in seqs], test_pos=[len(s) - 1 for s in seqs]
-    )
-    return Dataset(items, sequences, max_history=5)
-
-
-def tiny_codes(num_items: int) -> np.ndarray:
-    flat = np.random.default_rng(0).choice(4 * 8 * 8, size=num_items, replace=False)
-    return np.stack([flat // 64, flat // 8 % 8, flat % 8], axis=1)
-
-
 def test_warm_up_trajectories_use_training_items_only_and_mask_the_tool():
     from genrec.agent.trajectories import AgentTask, build_trajectories
     from genrec.model.prompt import PromptFormat
     from genrec.model.tokenizer import build_scratch_tokenizer
     from genrec.tasks.base import TaskData
 
-    dataset = held_out_dataset()
+    dataset = held_out_dataset(num_users=30, max_train=10)
     cfg = load_config(None, ["run_dir=x", *TINY]).agent
     retriever = FakeRetriever(dataset.num_items)
     trajs = build_trajectories(dataset.train_sequences(), dataset.items["categories"].tolist(), retriever, cfg, 5)
     assert trajs and all(t.answer[0] == t.target for t in trajs)
-    held_out = set(range(30, 90))
+    held_out = set(range(30, dataset.num_items))
     for t in trajs:
         seq = dataset.train_sequences()[t.user]
         assert t.target == seq[t.position] and not set(t.history.tolist()) & held_out
@@ -232,7 +201,7 @@ def test_agent_mode_trains_answers_with_items_and_survives_malformed_output(tmp_
     from genrec.model.recommender import GenerativeRecommender
     from genrec.train.sft import train_sft
 
-    dataset = held_out_dataset()
+    dataset = held_out_dataset(num_users=30, max_train=10)
     codes = tiny_codes(dataset.num_items)
     cfg = load_config(
         None,
@@ -272,7 +241,7 @@ def test_agent_mode_trains_answers_with_items_and_survives_malformed_output(tmp_
     res = evaluate(
         agent_ranker(rec, retriever, dataset.titles, cfg.agent, 5, 0, log), dataset, cfg.eval, tmp_path / "e"
     )
-    assert len(log) == 60 and res["test"]["users"] == 30
+    assert len(log) == 2 * dataset.num_users and res["test"]["users"] == dataset.num_users
     ranked = pd.read_parquet(tmp_path / "e" / "predictions.parquet")["ranked"]
     assert all((np.asarray(r) >= 0).all() for r in ranked)
 

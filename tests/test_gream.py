@@ -11,9 +11,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from conftest import make_dataset_frames  # noqa: E402
+from conftest import TINY_GENERATIVE, held_out_dataset, tiny_codes  # noqa: E402
 from genrec.config import ConfigError, load_config  # noqa: E402
-from genrec.data.dataset import Dataset  # noqa: E402
 from genrec.decode.text import find_end  # noqa: E402
 from genrec.interests.backends import ChatResult  # noqa: E402
 from genrec.interests.cache import CallCache  # noqa: E402
@@ -23,21 +22,7 @@ from genrec.methods.gream.reasoning import generate_rationales, reasoning_recomm
 from genrec.methods.gream.tasks import CoSIDTask, ReasonTask, curriculum_stage, gream_builders  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "model.hidden_size=32",
-    "model.num_layers=2",
-    "model.num_heads=2",
-    "model.num_kv_heads=1",
-    "model.intermediate_size=64",
-    "model.text_vocab_size=300",
-    "sft.batch_tokens=512",
-    "sft.warmup_steps=2",
-    "data.max_history=5",
-    "decode.num_beams=10",
-    "decode.batch_size=16",
-    "eval.ks=[1,5]",
-    "eval.bootstrap=0",
-]
+TINY = TINY_GENERATIVE
 
 
 @pytest.fixture(autouse=True)
@@ -46,25 +31,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def held_out_dataset() -> Dataset:
-    """40 users over items 0..29 in training; every valid and test target is an item (30..109) of its own."""
-    items, sequences = make_dataset_frames(num_items=110)
-    rng = np.random.default_rng(1)
-    seqs = []
-    for u in range(len(sequences)):
-        train = rng.choice(30, size=int(rng.integers(6, 12)), replace=False)
-        seqs.append(np.concatenate([train, [30 + 2 * u, 31 + 2 * u]]).astype(np.int64))
-    sequences = sequences.assign(
-        item_ids=seqs, valid_pos=[len(s) - 2 for s in seqs], test_pos=[len(s) - 1 for s in seqs]
-    )
-    return Dataset(items, sequences, max_history=5)
-
-
-def tiny_codes(num_items: int) -> np.ndarray:
-    flat = np.random.default_rng(0).choice(4 * 8 * 8, size=num_items, replace=False)
-    return np.stack([flat // 64, flat // 8 % 8, flat % 8], axis=1)  # (N, 3) unique
 
 
 def test_denoised_rewrite_drops_items_outside_the_inferred_preferences():
