@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from genrec.baselines.sasrec import training_windows
+from genrec.baselines.sasrec import causal_encode, training_windows
 from genrec.config import TRMConfig
 from genrec.data.dataset import Dataset
 from genrec.io import read_json, write_json
@@ -243,13 +243,7 @@ class PreferenceTRM(nn.Module):
         # with the right phrase was 0.1-0.5 with the scaling and 0.95-1.0 without it.
         x = table[seq] + self.pos_emb(pos)  # (B, T, H)
         x = self.emb_dropout(x)
-        # The mask of SASRec: the future and padding keys blocked, a padding query may see itself.
-        pad = seq == 0
-        blocked = torch.triu(torch.ones(T, T, dtype=torch.bool, device=seq.device), diagonal=1)
-        blocked = blocked.unsqueeze(0) | pad.unsqueeze(1)  # (B, T, T)
-        blocked = blocked & ~torch.eye(T, dtype=torch.bool, device=seq.device)
-        heads = self.encoder.layers[0].self_attn.num_heads
-        return self.encoder(x, mask=blocked.repeat_interleave(heads, dim=0))
+        return causal_encode(self.encoder, x, seq == 0)  # SASRec's mask: future and padding keys blocked
 
     def query(self, h: torch.Tensor, pref_emb: torch.Tensor | None) -> torch.Tensor:
         """LayerNorm(h + q) (..., H); q = adaptor(pref_emb), and q = 0 where pref_emb is None or a zero row."""

@@ -31,6 +31,20 @@ from genrec.io import write_json
 log = logging.getLogger("genrec")
 
 
+def causal_encode(encoder: nn.TransformerEncoder, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+    """x (B, T, H) through ``encoder`` under causal attention with padding keys ``pad`` (B, T) blocked.
+
+    One boolean mask (B * heads, T, T), True = blocked. A padding query may see itself, so no
+    row is fully blocked (which would give NaN).
+    """
+    T = x.shape[1]
+    blocked = torch.triu(torch.ones(T, T, dtype=torch.bool, device=x.device), diagonal=1)
+    blocked = blocked.unsqueeze(0) | pad.unsqueeze(1)  # (B, T, T)
+    blocked = blocked & ~torch.eye(T, dtype=torch.bool, device=x.device)
+    heads = encoder.layers[0].self_attn.num_heads
+    return encoder(x, mask=blocked.repeat_interleave(heads, dim=0))
+
+
 class SASRec(nn.Module):
     """Item ids are shifted by one inside the model: 0 is padding."""
 
@@ -68,15 +82,7 @@ class SASRec(nn.Module):
         pos = torch.arange(T, device=seq.device).expand(B, T)
         x = self.item_emb(seq) * math.sqrt(self.item_emb.embedding_dim) + self.pos_emb(pos)
         x = self.emb_dropout(x)
-        # One boolean mask (B * heads, T, T), True = blocked: the future, and padding keys.
-        # A padding query may see itself, so no row is fully blocked (which would give NaN).
-        pad = seq == 0
-        blocked = torch.triu(torch.ones(T, T, dtype=torch.bool, device=seq.device), diagonal=1)
-        blocked = blocked.unsqueeze(0) | pad.unsqueeze(1)  # (B, T, T)
-        blocked = blocked & ~torch.eye(T, dtype=torch.bool, device=seq.device)
-        heads = self.encoder.layers[0].self_attn.num_heads
-        h = self.encoder(x, mask=blocked.repeat_interleave(heads, dim=0))
-        return self.final_norm(h)
+        return self.final_norm(causal_encode(self.encoder, x, seq == 0))
 
     def item_logits(self, h: torch.Tensor) -> torch.Tensor:
         """h (..., H) -> logits over real items (..., N), item_id order."""
