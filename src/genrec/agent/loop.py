@@ -224,14 +224,22 @@ def rank_answers(
 
 
 def agent_ranker(
-    recommender, retriever, titles: Sequence[str], cfg: AgentConfig, k: int, seed: int, log: list | None = None
+    recommender,
+    retriever,
+    titles: Sequence[str],
+    cfg: AgentConfig,
+    k: int,
+    seed: int,
+    log: list | None = None,
+    agent_fmt: AgentFormat | None = None,
 ):
     """A ranker for ``genrec.eval.evaluate.evaluate`` in agent mode; ``log`` collects the transcripts.
 
     The harness passes every item before each target as ``seen`` (``wants_seen``): the agent
-    never retrieves them, as in its warm-up trajectories and RL rollouts.
+    never retrieves them, as in its warm-up trajectories and RL rollouts. ``agent_fmt`` reuses
+    the caller's tokenized tags and item names.
     """
-    agent_fmt = AgentFormat(recommender, titles, cfg)
+    agent_fmt = agent_fmt or AgentFormat(recommender, titles, cfg)
     generator = torch.Generator(device=recommender.device).manual_seed(seed) if cfg.eval_temperature > 0 else None
 
     def rank(histories: list[np.ndarray], seen: list[np.ndarray]) -> np.ndarray:

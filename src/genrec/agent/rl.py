@@ -132,7 +132,7 @@ def train_agent_rl(cfg, dataset: Dataset, recommender, retriever, out_dir: Path,
         from genrec.agent.loop import agent_ranker
 
         eval_cfg = replace(cfg.eval, batch_size=min(cfg.eval.batch_size, cfg.decode.batch_size), ks=[10])
-        ranker = agent_ranker(recommender, retriever, dataset.titles, a, k, cfg.seed)
+        ranker = agent_ranker(recommender, retriever, dataset.titles, a, k, cfg.seed, agent_fmt=agent_fmt)
         ranked = rank_examples(ranker, valid, eval_cfg, dataset.num_items, desc="agent rl valid")
         return ndcg_at_k(target_ranks(ranked, valid.targets), 10)
 

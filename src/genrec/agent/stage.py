@@ -28,12 +28,6 @@ log = logging.getLogger("genrec")
 TRANSCRIPT_SAMPLE = 50
 
 
-def _categories(dataset: Dataset) -> list[str]:
-    if "categories" not in dataset.items:
-        return [""] * dataset.num_items
-    return dataset.items["categories"].fillna("").astype(str).tolist()
-
-
 def write_trajectories(path: Path, trajs: list[Trajectory]) -> None:
     rows = [
         json.dumps(
@@ -67,7 +61,7 @@ def run_sft(ctx) -> dict:
     retriever = Retriever.load(ctx.run_dir)
     started = time.perf_counter()
     trajs = build_trajectories(
-        dataset.train_sequences(), _categories(dataset), retriever, cfg.agent, cfg.data.max_history
+        dataset.train_sequences(), dataset.categories, retriever, cfg.agent, cfg.data.max_history
     )
     hit = float(np.mean([t.target in set(np.concatenate(t.retrieved).tolist()) for t in trajs])) if trajs else 0.0
     log.info(

@@ -516,8 +516,7 @@ def run(ctx) -> dict:
     dataset = Dataset.load(ctx.input("prepare"), ctx.cfg.data.max_history)
     item_emb = np.load(ctx.input("embed") / "item_emb.npy").astype(np.float32)
     encoder = PhraseEncoder.from_embed_dir(ctx.input("embed"))
-    categories = dataset.items["categories"].fillna("").astype(str).tolist()
-    labels = preference_phrases(categories, cfg.max_label_share)
+    labels = preference_phrases(dataset.categories, cfg.max_label_share)
     phrases = item_phrases(labels, encoder.encode, cfg.phrase_chars)
     log.info(
         "trm: %d distinct phrases; %d of %d items have some",
@@ -533,7 +532,7 @@ def run(ctx) -> dict:
     result = evaluate(
         lambda h: model.score(h), dataset, ctx.cfg.eval, ctx.out / "eval", seed=ctx.seed, model_name="trm"
     )
-    retriever = Retriever(model, encoder, dataset.titles, categories, cfg.max_phrases, cfg.phrase_chars)
+    retriever = Retriever(model, encoder, dataset.titles, dataset.categories, cfg.max_phrases, cfg.phrase_chars)
     steer = steer_check(retriever, dataset, labels, ctx.seed)
     write_json(ctx.out / "steer.json", steer)
     print(

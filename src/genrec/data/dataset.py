@@ -69,6 +69,13 @@ class Dataset:
     def titles(self) -> list[str]:
         return self.items["title"].fillna("").astype(str).tolist()
 
+    @property
+    def categories(self) -> list[str]:
+        """Each item's category string ("" where the source has none, or no categories column)."""
+        if "categories" not in self.items:
+            return [""] * self.num_items
+        return self.items["categories"].fillna("").astype(str).tolist()
+
     def train_end(self, u: int) -> int:
         """Number of leading items of user ``u`` that are training data."""
         held = [p for p in (self.valid_pos[u], self.test_pos[u]) if p >= 0]

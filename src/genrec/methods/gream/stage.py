@@ -30,11 +30,7 @@ MODES = ("direct", "reasoning")
 
 def make_chains(cfg: RunConfig, dataset: Dataset, cache_dir: Path) -> tuple[list[Chain], dict]:
     """The chains of the training data: data-derived, then taught where ``gream.teacher`` is set."""
-    categories = (
-        dataset.items["categories"].fillna("").astype(str).tolist()
-        if "categories" in dataset.items
-        else [""] * dataset.num_items
-    )
+    categories = dataset.categories
     chains = build_chains(dataset.train_sequences(), categories, cfg.gream, cfg.data.max_history)
     stats = {"chains": len(chains), "source": "data-derived chains"}
     if cfg.gream.teacher is not None:
