@@ -28,25 +28,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# The datasets' plain generative configs; every variant but "without MLIM" adds DEEPINTEREST.
+# The datasets' generative configs (their sid, model, sft and rl sections); every variant but
+# "without MLIM" adds DEEPINTEREST.
 CONFIGS = {"ml-100k": "configs/ml-100k.yaml", "beauty": "configs/beauty.yaml"}
-# configs/beauty.yaml holds only the data and the baselines: generative sections sized for its
-# 12k items (256 codes per level) and time-capped, as configs/ml-100k.yaml has them.
-GENERATIVE = {
-    "ml-100k": [],
-    "beauty": [
-        "sid.codebook_size=256",
-        "model.hidden_size=128",
-        "model.num_layers=2",
-        "model.text_vocab_size=2000",
-        "sft.lr=0.002",
-        "sft.max_epochs=30",
-        "sft.max_minutes=20",
-        "rl.steps=40",
-        "rl.eval_every=20",
-        "rl.max_minutes=5",
-    ],
-}
 # The DeepInterestGR sections; configs/deepinterest-ml-100k.yaml is configs/ml-100k.yaml plus
 # these (a test checks it).
 DEEPINTEREST = [
@@ -86,7 +70,7 @@ ROWS = {
 def variant_config(dataset: str, variant: str, out: Path, extra: list[str]):
     from genrec.config import load_config
 
-    overrides = [*GENERATIVE[dataset], f"run_dir={out / dataset / variant}", *VARIANTS[variant], *extra]
+    overrides = [f"run_dir={out / dataset / variant}", *VARIANTS[variant], *extra]
     return load_config(ROOT / CONFIGS[dataset], overrides)
 
 

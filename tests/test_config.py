@@ -12,6 +12,15 @@ def test_overrides_and_types(tmp_path):
     assert cfg.sasrec.lr == 0.01 and cfg.eval.ks == [5, 10] and cfg.eval.exclude_seen is False and cfg.seed == 7
 
 
+def test_a_mapping_value_replaces_the_configs_not_merges(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("run_dir: r\nrl:\n  rewards: {rank: 1.0}\n  lr: 0.001\nsft:\n  tasks: {seqrec: 1.0, item2sid: 0.5}\n")
+    cfg = load_config(path, ["rl.rewards={exact: 1.0}", "sft.tasks={seqrec: 1.0}", "rl.steps=5"])
+    # Sections merge key by key (rl.lr stays); a mapping inside a section is one value.
+    assert cfg.rl.rewards == {"exact": 1.0} and cfg.rl.lr == 0.001 and cfg.rl.steps == 5
+    assert cfg.sft.tasks == {"seqrec": 1.0}
+
+
 @pytest.mark.parametrize(
     "override, message",
     [

@@ -88,6 +88,23 @@ def test_killed_stage_leaves_no_output_and_resumes(stages, tmp_path):
     assert not (tmp_path / "run/.total.work").exists()
 
 
+def test_checkpoints_of_another_config_are_not_resumed(stages, tmp_path):
+    stages["total"] = Stage("total", f"{__name__}:sum_numbers", ("eval", "sasrec"), ("numbers",))
+    work = tmp_path / "run/.total.work"
+    work.mkdir(parents=True)
+    (work / "crash").touch()  # stands for the checkpoint of a killed run
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(cfg_for(tmp_path))
+    # Another wall-clock budget is the same run given more time: the checkpoint stays.
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(cfg_for(tmp_path, "sasrec.max_minutes=5"))
+    # Another setting of the stage's own sections: the checkpoint is dropped, the stage starts over.
+    CALLS.clear()
+    run_pipeline(cfg_for(tmp_path, "sasrec.lr=0.01"))
+    assert CALLS == ["total"] and (tmp_path / "run/total/total.txt").is_file()
+    assert not work.exists()
+
+
 def test_unknown_stage_is_an_error(stages, tmp_path):
     with pytest.raises(KeyError, match="unknown stage 'nope'"):
         run_stage(cfg_for(tmp_path), "nope")

@@ -582,10 +582,14 @@ def parse_overrides(overrides: list[str]) -> dict:
     return tree
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def _merge(base: dict, extra: dict, depth: int = 0) -> dict:
+    """``extra`` over ``base``: sections (the top level) merge key by key; any value inside a
+    section replaces the old one whole, mappings included, so ``rl.rewards={exact: 1.0}``
+    means exactly that reward and not the config's rewards plus it."""
     out = dict(base)
     for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        merge = depth == 0 and isinstance(v, dict) and isinstance(out.get(k), dict)
+        out[k] = _merge(out[k], v, depth + 1) if merge else v
     return out
 
 

@@ -209,6 +209,29 @@ def _stage_record(cfg: RunConfig, stage: Stage, run_dir: Path) -> dict:
     }
 
 
+def _work_key(record: dict) -> str:
+    """What a stage's resumable state belongs to: its seed, config sections and inputs, except
+    the wall-clock budgets (``max_minutes``), so that a killed run can be given more time."""
+    sections = {s: {k: v for k, v in c.items() if k != "max_minutes"} for s, c in record["config"].items()}
+    return config_hash({"seed": record["seed"], "config": sections, "inputs": record["input_hash"]})
+
+
+def _claim_work_dir(work: Path, record: dict, name: str) -> None:
+    """Empty ``work`` when its checkpoints were made under another config or other inputs.
+
+    A killed run resumes from ``work`` only when nothing it depends on changed; otherwise the
+    stage would continue, say, RL with the old rewards from the old SFT model.
+    """
+    key_file = work / "stage_key.json"
+    key = _work_key(record)
+    if key_file.is_file() and read_json(key_file).get("key") != key:
+        log.info("stage %-10s: its checkpoints in %s are from another config or inputs; starting over", name, work)
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    if not key_file.is_file():
+        write_json(key_file, {"key": key})
+
+
 def _files_of(directory: Path) -> dict[str, str]:
     return {
         str(p.relative_to(directory)): sha256_file(p)
@@ -270,9 +293,10 @@ def run_stage(cfg: RunConfig, name: str, force: bool = False) -> dict:
     if world == 1:
         shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True, exist_ok=True)
-    work.mkdir(parents=True, exist_ok=True)
     if rank == 0:
+        _claim_work_dir(work, record, name)
         write_json(run_dir / "config.json", to_dict(cfg))
+    work.mkdir(parents=True, exist_ok=True)
     log.info("stage %-10s running (%s)", name, stage.help)
     started = time.time()
     fn = load_stage_fn(stage)

@@ -1,0 +1,158 @@
+"""The generative recommender (SFT, then RL from its checkpoint) next to SASRec, over seeds,
+with an ablation over RL rewards.
+
+    python bench/bench_generative.py [--datasets ml-100k beauty scientific] [--seeds 1 2 3] \
+        [--rewards rank exact rsvr ...] [KEY=VALUE ...]
+
+Per dataset and seed, one run of `configs/<dataset>.yaml` with stages
+[prepare, popularity, sasrec, text, embed, sid, sft, eval, rl] into
+bench/out/baselines/<dataset>/seed_<s>/, the run directories of bench/bench_baselines.py: the
+baseline stages have the same config there, so a seed whose SASRec already ran is not trained
+again (the pipeline skips a finished stage whose config and inputs are unchanged), and SASRec
+and the generative model come from the same runs either way.
+
+Then, per reward variant (--rewards, see REWARD_VARIANTS), the seed's run directory is copied
+without its `rl` stage to bench/out/generative/<dataset>/rl-<variant>/seed_<s>/ and only `rl`
+runs there with that variant's `rl.rewards`: every variant starts from the same SFT checkpoint.
+
+Writes bench/results/generative.md: per dataset, the test metrics (mean ± std over seeds) of
+popularity, SASRec, SFT and SFT+RL with each reward variant; the RL gain over the run's own
+SFT model, per seed and as mean ± std; SFT's epochs, tokens/s and time. Rerunning one dataset
+keeps the others' sections.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = {"ml-100k": "configs/ml-100k.yaml", "beauty": "configs/beauty.yaml", "scientific": "configs/scientific.yaml"}
+STAGES = "stages=[prepare, popularity, sasrec, text, embed, sid, sft, eval, rl]"
+# variant -> rl.rewards. The config's own rewards are the main run's ("config").
+REWARD_VARIANTS = {
+    "rank": "{rank: 1.0}",
+    "exact": "{exact: 1.0}",
+    "rsvr": "{rsvr: 1.0}",
+    "rank+semantic": "{rank: 1.0, semantic: 0.2}",
+    "rank+trm": "{rank: 1.0, trm: 100.0}",
+}
+
+
+def copy_without_rl(src: Path, dst: Path) -> None:
+    """``src`` (a finished run directory) to ``dst``, leaving out the rl stage and its work directory."""
+    if dst.exists():
+        return  # an earlier (maybe killed) run of this variant: the pipeline resumes or skips it
+    tmp = dst.with_name(dst.name + ".copying")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("rl", ".rl.work", ".*.tmp*"))
+    tmp.rename(dst)
+
+
+def gain_cells(sft: list[float], rl: list[float]) -> str:
+    """Relative test NDCG@10 gain of SFT+RL over its own SFT model: mean ± std over seeds, and per seed."""
+    gains = [100.0 * (r / s - 1.0) for s, r in zip(sft, rl)]
+    spread = np.std(gains, ddof=1) if len(gains) > 1 else 0.0
+    return f"{np.mean(gains):+.1f}% ± {spread:.1f} ({', '.join(f'{g:+.1f}%' for g in gains)})"
+
+
+def dataset_section(name, base_dir: Path, variant_dirs: dict[str, Path], seeds, command: str, wall_s: float) -> str:
+    from genrec.eval.aggregate import collect, format_summary, summarise
+    from genrec.io import read_json
+
+    runs = [base_dir / f"seed_{s}" for s in seeds]
+    main = summarise(collect(runs))
+    rows = {m: main[m] for m in ("popularity", "sasrec", "sft", "sft+rl") if m in main}
+    if "sft+rl" in rows:
+        rows["sft+rl (config rewards)"] = rows.pop("sft+rl")
+    for variant, vdir in variant_dirs.items():
+        got = summarise(collect([vdir / f"seed_{s}" for s in seeds]))
+        if "sft+rl" in got:
+            rows[f"sft+rl ({variant})"] = got["sft+rl"]
+    stats = read_json(runs[0] / "prepare/stats.json")
+    rewards = read_json(runs[0] / "config.json")["rl"]["rewards"]
+    lines = [
+        f"### {name}: {stats['users']:,} users, {stats['items']:,} items, {stats['interactions']:,} interactions\n",
+        f"Command: `{command}`; {platform.machine()}, {os.cpu_count()} CPU cores, "
+        f"Python {platform.python_version()}, {time.strftime('%Y-%m-%d')}; wall {wall_s / 60:.1f} min.\n",
+        format_summary(rows, ks=(5, 10, 20)) + "\n",
+        f"Config rewards: `{rewards}`. RL gain in test NDCG@10 over the same seed's SFT model "
+        "(mean ± std over seeds, then per seed):\n",
+    ]
+    sft = rows.get("sft", {}).get("ndcg@10", {}).get("values", [])
+    for row, metrics in rows.items():
+        if row.startswith("sft+rl") and sft and len(metrics["ndcg@10"]["values"]) == len(sft):
+            lines.append(f"- {row}: {gain_cells(sft, metrics['ndcg@10']['values'])}")
+    lines.append("")
+    sft_runs = [read_json(r / "sft/done.json")["summary"] for r in runs if (r / "sft/done.json").is_file()]
+    if sft_runs:
+        lines.append(
+            "SFT per seed: "
+            + "; ".join(
+                f"{s['epochs']} epochs (best {s['best_epoch']}, {s['stop_reason']}), {s['train_seconds'] / 60:.1f} min, "
+                f"{s['tokens_per_s']:,.0f} tokens/s"
+                for s in sft_runs
+            )
+            + ".\n"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    from genrec.config import load_config
+    from genrec.eval.aggregate import run_seeds
+    from genrec.io import atomic_write_text
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_baselines import previous_sections
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--datasets", nargs="+", default=["ml-100k"], choices=list(CONFIGS))
+    ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    ap.add_argument("--rewards", nargs="*", default=[], choices=list(REWARD_VARIANTS), help="RL reward variants")
+    ap.add_argument("--base", type=Path, default=ROOT / "bench/out/baselines", help="the baselines' run directories")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench/out/generative")
+    ap.add_argument("overrides", nargs="*", help="config overrides (key=value) for every run")
+    args = ap.parse_args()
+
+    results = ROOT / "bench/results/generative.md"
+    sections = {}
+    for name in args.datasets:
+        started = time.time()
+        base_dir = args.base / name
+        cfg = load_config(ROOT / CONFIGS[name], [f"run_dir={base_dir}", STAGES, *args.overrides])
+        run_seeds(cfg, args.seeds)
+        variant_dirs = {}
+        for variant in args.rewards:
+            vdir = args.out / name / f"rl-{variant}"
+            for s in args.seeds:
+                copy_without_rl(base_dir / f"seed_{s}", vdir / f"seed_{s}")
+            overrides = [f"run_dir={vdir}", STAGES, *args.overrides, f"rl.rewards={REWARD_VARIANTS[variant]}"]
+            run_seeds(load_config(ROOT / CONFIGS[name], overrides), args.seeds)
+            variant_dirs[variant] = vdir
+        command = " ".join(["python bench/bench_generative.py --datasets", name, "--seeds", *map(str, args.seeds)])
+        if args.rewards:
+            command += " --rewards " + " ".join(args.rewards)
+        command += "".join(f" {o}" for o in args.overrides)
+        sections[name] = dataset_section(name, base_dir, variant_dirs, args.seeds, command, time.time() - started)
+    header = (
+        "# The generative recommender: SFT and SFT+RL next to SASRec\n\n"
+        "Test split, leave-one-out, full ranking over all items, seen items excluded, trie-constrained beam "
+        "search, mean ± std over the seeds. SASRec and the generative model come from the same run directories. "
+        "Each dataset's section gives its command and machine.\n\n"
+    )
+    sections = {**previous_sections(results, CONFIGS), **sections}  # read now: keep sections written meanwhile
+    atomic_write_text(results, header + "\n".join(sections[n] for n in CONFIGS if n in sections))
+    print(results.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
