@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import doctest
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -121,6 +122,7 @@ class FakeRetriever:
     def __init__(self, num_items: int):
         self.num_items = num_items
         self.base = torch.from_numpy(np.random.default_rng(0).normal(size=num_items)).float()
+        self.rank_base = torch.from_numpy(np.random.default_rng(1).normal(size=num_items)).float()
         self.calls = []
 
     def retrieve(self, histories, preferences, n, exclude=None):
@@ -136,6 +138,10 @@ class FakeRetriever:
         ids = top.indices.numpy().astype(np.int64)
         ids[np.isneginf(top.values.numpy())] = -1
         return ids, top.values.numpy()
+
+    def score(self, histories, preferences=None):
+        """Logits over the catalogue for the final ranking: another random vector than retrieval's."""
+        return self.rank_base.repeat(len(histories), 1)
 
     def embed_preferences(self, prefs):
         out = torch.zeros(len(prefs), 3)
@@ -227,6 +233,24 @@ def test_agent_mode_trains_answers_with_items_and_survives_malformed_output(tmp_
     for tr, row, seen in zip(greedy.transcripts, greedy.ranked, test.seen[:6]):
         assert len(set(row.tolist())) == 8 and not set(row.tolist()) & set(seen.tolist())
         assert tr.answer == row[: len(tr.answer)].tolist() and set(tr.answer) <= set(tr.candidates())
+    # The final ranking of given candidates: the LLM's order with trm_weight 0, the TRM's when it dominates.
+    def answers(weight):
+        from genrec.agent.loop import rank_answers
+        from genrec.agent.protocol import Transcript
+
+        hist, seen = test.histories[:6], test.seen[:6]
+        pool = [np.setdiff1d(np.arange(dataset.num_items), s)[:6].tolist() for s in seen]
+        trs = [Transcript(retrieved=[p]) for p in pool]
+        ctx = [agent_fmt.prompt(rec, h) for h in hist]
+        gen = [[False] * len(c) for c in ctx]
+        rank_answers(rec, retriever, agent_fmt, hist, seen, trs, ctx, gen, 8, False, 0.0, None, weight)
+        return [t.answer for t in trs], pool
+
+    llm, pool = answers(0.0)
+    fused, _ = answers(1e6)
+    ordered = [(retriever.rank_base[a][:-1] >= retriever.rank_base[a][1:]).all() for a in fused]
+    assert all(sorted(a) == sorted(p) for a, p in zip(fused, pool)) and all(ordered)
+    assert llm != fused, "the LLM's own order should differ from the TRM's somewhere, or the check proves nothing"
     # Wild sampling and a budget too small for any tag: malformed turns are answered, never raised.
     gen = torch.Generator().manual_seed(0)
     wild = run_agent(rec, retriever, agent_fmt, test.histories, test.seen, cfg.agent, 8, temperature=5.0, generator=gen)

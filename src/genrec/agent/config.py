@@ -30,6 +30,10 @@ class AgentConfig:
     max_label_share: float = 0.5
     # Items in the answer list of a warm-up trajectory.
     answer_items: int = 5
+    # The final ranking of the retrieved candidates: the LLM's log-probability of each one's SID
+    # plus trm_weight x the TRM's log-probability of it (its softmax over the catalogue for the
+    # history, no preference). 0 = the LLM alone, as in DeepRec; 1 = the product of the two.
+    trm_weight: float = 0.0
     # Sampling temperature of the turns at evaluation (0 = greedy) and in RL rollouts.
     eval_temperature: float = 0.0
     rollout_temperature: float = 1.0
@@ -66,6 +70,7 @@ class AgentConfig:
         _check(0 < self.max_label_share <= 1, f"agent.max_label_share must be in (0, 1], got {self.max_label_share}")
         _check(self.answer_items >= 1, f"agent.answer_items must be >= 1, got {self.answer_items}")
         _check(min(self.eval_temperature, self.rollout_temperature) >= 0, "agent temperatures must be >= 0")
+        _check(self.trm_weight >= 0, f"agent.trm_weight must be >= 0, got {self.trm_weight}")
         _check(self.rollout_temperature > 0, "agent.rollout_temperature must be > 0: RL samples its trajectories")
         _check(self.group_size >= 2, f"agent.group_size must be >= 2 (the group baseline), got {self.group_size}")
         _check(self.batch_size >= 1 and self.lr > 0, "agent.batch_size must be >= 1 and agent.lr > 0")

@@ -169,14 +169,28 @@ def run_agent(
         sample_answer,
         temperature,
         generator,
+        cfg.trm_weight,
     )
     return AgentRollout(transcripts, ctx, gen, ranked)
 
 
 def rank_answers(
-    recommender, retriever, agent_fmt, histories, seen, transcripts, ctx, gen, k, sample_answer, temperature, generator
+    recommender,
+    retriever,
+    agent_fmt,
+    histories,
+    seen,
+    transcripts,
+    ctx,
+    gen,
+    k,
+    sample_answer,
+    temperature,
+    generator,
+    trm_weight: float = 0.0,
 ):
-    """Rank each transcript's candidates by the LLM's SID log-probability after ``<answer>``; fill to ``k``."""
+    """Rank each transcript's candidates by the LLM's SID log-probability after ``<answer>``
+    (plus ``trm_weight`` x the TRM's log-probability of the item, when > 0); fill to ``k``."""
     fmt = recommender.fmt
     batch = len(transcripts)
     for b in range(batch):
@@ -195,6 +209,12 @@ def rank_answers(
         scores = score_candidates(recommender.model, input_ids, attention_mask, cand_ids.to(recommender.device)).cpu()
     finally:
         recommender.model.train(was_training)
+    if trm_weight > 0:
+        item_ids = torch.zeros(batch, width, dtype=torch.long)  # padding reads item 0; its score stays -inf
+        for b, c in enumerate(cands):
+            item_ids[b, : len(c)] = torch.as_tensor(c, dtype=torch.long)
+        trm = retriever.score(list(histories)).float().cpu().log_softmax(dim=-1)  # (B, N)
+        scores = scores + trm_weight * trm.gather(1, item_ids)
     order = scores.argsort(dim=1, descending=True, stable=True)  # (B, M)
     if sample_answer:
         for b, c in enumerate(cands):
