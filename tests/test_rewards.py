@@ -13,6 +13,7 @@ from genrec.train.rewards import (
     exact_reward,
     prefix_match_levels,
     rank_reward,
+    prefix_reward,
     rsvr_reward,
     semantic_reward,
     trm_reward,
@@ -60,6 +61,15 @@ def test_rank_aware_hit_first_is_penalised_least():
 def test_prefix_levels_and_rsvr():
     assert prefix_match_levels(CODES, TARGET_CODES).tolist() == [[2, 1, 3, 0], [2, 1, 0, 2]]
     assert rsvr_reward(**COLUMNS).tolist() == [[0.707, 0.5, 1.0, 0.0], [0.707, 0.5, 0.0, 0.707]]
+
+
+def test_prefix_reward_is_lcp_over_three_levels():
+    codes = np.array([[[1, 2, 3, 7], [1, 2, 9, 7], [1, 5, 3, 7], [-1, -1, -1, -1]]])
+    items = np.array([[4, 5, 6, -1]])
+    got = prefix_reward(items, codes, np.array([[1, 2, 3, 0]]))
+    # The 4th (collision) level is not counted: item 4 shares the 3 levels, then 2, then 1.
+    assert got.round(4).tolist() == [[1.0, 0.6667, 0.3333, 0.0]]
+    assert prefix_reward(items[:, :2], codes[:, :2, :2], np.array([[1, 2]])).tolist() == [[1.0, 1.0]]
 
 
 def test_rsvr_caps_at_four_levels():

@@ -99,6 +99,21 @@ def rsvr_reward(items, codes, target_item, target_codes, **columns) -> np.ndarra
     return np.where(hit, 1.0, partial)
 
 
+def prefix_reward(items, codes, target_codes, **columns) -> np.ndarray:
+    """DeepInterestGR's preference term LCP/3: the share of the first 3 SID levels the completion
+    shares with the target, counted from the first level (the exact item, which shares them
+    all, gets 1); 0 for no item. With fewer than 3 levels, LCP / levels.
+
+    >>> prefix_reward(np.array([[5, 6, 7, -1]]), np.array([[[1, 2, 3, 0], [1, 2, 0, 0], [0, 2, 3, 0], [-1, -1, -1, -1]]]),
+    ...               np.array([[1, 2, 3, 1]])).round(3).tolist()
+    [[1.0, 0.667, 0.0, 0.0]]
+    """
+    codes = np.asarray(codes)
+    levels = min(3, codes.shape[2])
+    lcp = prefix_match_levels(codes[:, :, :levels], np.asarray(target_codes)[:, :levels])
+    return np.where(np.asarray(items) >= 0, lcp / levels, 0.0)
+
+
 def semantic_reward(items, target_item, item_emb=None, **columns) -> np.ndarray:
     """Cosine similarity between the generated item's embedding and the target's.
 
@@ -212,6 +227,7 @@ REWARDS: dict[str, RewardFn] = {
     "exact": exact_reward,
     "rank": rank_reward,
     "rsvr": rsvr_reward,
+    "prefix": prefix_reward,
     "semantic": semantic_reward,
     "trm": trm_reward,
     "interest": interest_reward,
