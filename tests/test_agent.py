@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import doctest
-from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -233,6 +232,7 @@ def test_agent_mode_trains_answers_with_items_and_survives_malformed_output(tmp_
     for tr, row, seen in zip(greedy.transcripts, greedy.ranked, test.seen[:6]):
         assert len(set(row.tolist())) == 8 and not set(row.tolist()) & set(seen.tolist())
         assert tr.answer == row[: len(tr.answer)].tolist() and set(tr.answer) <= set(tr.candidates())
+
     # The final ranking of given candidates: the LLM's order with trm_weight 0, the TRM's when it dominates.
     def answers(weight):
         from genrec.agent.loop import rank_answers

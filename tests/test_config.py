@@ -14,7 +14,9 @@ def test_overrides_and_types(tmp_path):
 
 def test_a_mapping_value_replaces_the_configs_not_merges(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("run_dir: r\nrl:\n  rewards: {rank: 1.0}\n  lr: 0.001\nsft:\n  tasks: {seqrec: 1.0, item2sid: 0.5}\n")
+    path.write_text(
+        "run_dir: r\nrl:\n  rewards: {rank: 1.0}\n  lr: 0.001\nsft:\n  tasks: {seqrec: 1.0, item2sid: 0.5}\n"
+    )
     cfg = load_config(path, ["rl.rewards={exact: 1.0}", "sft.tasks={seqrec: 1.0}", "rl.steps=5"])
     # Sections merge key by key (rl.lr stays); a mapping inside a section is one value.
     assert cfg.rl.rewards == {"exact": 1.0} and cfg.rl.lr == 0.001 and cfg.rl.steps == 5

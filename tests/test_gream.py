@@ -256,6 +256,8 @@ def test_reasoning_mode_trains_and_always_answers_with_items(tmp_path):
     ranked = pd.read_parquet(tmp_path / "eval" / "reasoning" / "predictions.parquet")["ranked"]
     assert all((np.asarray(r) >= 0).all() for r in ranked)
 
+    check_reasoning_srpo(rec, dataset, cfg, tmp_path)
+
     seqrec_only = load_config(None, ["run_dir=unused", *TINY, "sft.max_epochs=1"])
     train_sft(seqrec_only, dataset, codes, texts, tmp_path / "o2", tmp_path / "w2")
     with pytest.raises(ValueError, match="not trained with the 'gream_reason' task"):
@@ -270,3 +272,93 @@ def test_shipped_config_and_bad_values():
         load_config(None, ["run_dir=x", "gream.preference_labels=5"])
     with pytest.raises(ConfigError, match="gream.teacher.kind must be openai or hf"):
         load_config(None, ["run_dir=x", "gream.teacher={kind: offline}"])
+
+
+MARKER_BONUS = 4.0
+
+
+def check_reasoning_srpo(rec, dataset, cfg, tmp_path):
+    """Reasoning rollouts (rationale + answer SID) and SRPO on them, from the model trained above."""
+    import json
+    from dataclasses import replace
+
+    from genrec.methods.gream.reasoning import reasoning_prompts
+    from genrec.methods.gream.srpo import reasoning_rollout, train_reasoning_srpo
+
+    histories = dataset.examples("test").histories[:4]
+    gen = torch.Generator().manual_seed(0)
+    ro = reasoning_rollout(rec, histories, 3, max_think_tokens=4, temperature=3.0, generator=gen)
+    assert ro.items.shape == (4, 3) and ro.codes.shape[:2] == (4, 3) and len(ro.ids) == 12
+    # A malformed rollout (no answer marker of its own) has no answer; a well-formed one answers with an item.
+    assert ((ro.items >= 0) == ro.well_formed).all() and ((ro.codes >= 0).all(axis=2) == ro.well_formed).all()
+    prompts = reasoning_prompts(rec, histories)
+    levels = ro.codes.shape[2]
+    for r, (ids, gen_mask) in enumerate(zip(ro.ids, ro.generated)):
+        b, j = divmod(r, 3)
+        n = len(prompts[b])
+        assert ids[:n] == prompts[b] and not any(gen_mask[:n]) and len(ids) == len(gen_mask)
+        # The SID takes loss only when the rollout is well formed; the rationale always does.
+        assert (
+            all(gen_mask[-levels:]) == bool(ro.well_formed[b, j]) and sum(gen_mask[n:-levels]) >= ro.think_tokens[b, j]
+        )
+    forced = reasoning_rollout(rec, histories, 2, max_think_tokens=1, temperature=1.0, generator=gen)
+    assert (forced.think_tokens <= 1).all()
+
+    srpo = replace(
+        cfg,
+        rl=replace(
+            cfg.rl,
+            rewards={"rsvr": 1.0, "valid_penalty": 0.5},
+            advantage="bgae",
+            rollout="sample",
+            group_size=3,
+            batch_size=4,
+            steps=2,
+            eval_every=1,
+            eval_users=4,
+            lr=0.01,
+        ),
+        gream=replace(cfg.gream, max_think_tokens=40, rl_rollout="reasoning"),
+    )
+    # This tiny model rarely writes the answer marker within the budget, so every group would be
+    # all-malformed (equal rewards, nothing to learn). A logit bonus on the marker gives a policy
+    # that writes it about every few tokens: well-formed and malformed rollouts in one group.
+    marker = rec.fmt.answer[0]
+
+    def marker_bonus(module, args, output):
+        output[..., marker] += MARKER_BONUS
+        return output
+
+    hook = rec.model.get_output_embeddings().register_forward_hook(marker_bonus)
+    summary = train_reasoning_srpo(srpo, dataset, rec, tmp_path / "srpo", tmp_path / "srpo_w")
+    assert summary["steps"] == 2 and (tmp_path / "srpo" / "rl_curves.png").is_file()
+    rows = [json.loads(line) for line in (tmp_path / "srpo" / "rl_curves.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2] and all("well_formed" in r and "reward/rsvr" in r for r in rows[1:])
+    assert any(r["loss_tokens"] > 0 for r in rows[1:]), "no informative group: the update path went untested"
+    # A run stopped after step 1 and resumed takes the same step 2 as the uninterrupted one.
+    from genrec.model.recommender import GenerativeRecommender
+
+    model_dir = tmp_path / "out" / "model"
+    hook.remove()
+
+    def biased():
+        model = GenerativeRecommender.load(model_dir, device="cpu")
+        model.model.get_output_embeddings().register_forward_hook(marker_bonus)
+        return model
+
+    one = replace(srpo, rl=replace(srpo.rl, steps=1))
+    train_reasoning_srpo(one, dataset, biased(), tmp_path / "a", tmp_path / "aw")
+    train_reasoning_srpo(srpo, dataset, biased(), tmp_path / "a", tmp_path / "aw")
+    fresh = tmp_path / "b"
+    train_reasoning_srpo(srpo, dataset, biased(), fresh, tmp_path / "bw")
+    resumed = [json.loads(x) for x in (tmp_path / "a" / "rl_curves.jsonl").read_text().splitlines()]
+    straight = [json.loads(x) for x in (fresh / "rl_curves.jsonl").read_text().splitlines()]
+    assert resumed[2]["loss_tokens"] > 0  # the resumed step did learn something
+    drop = ("seconds",)
+    assert [{k: v for k, v in r.items() if k not in drop} for r in resumed] == [
+        {k: v for k, v in r.items() if k not in drop} for r in straight
+    ]
+    with pytest.raises(ValueError, match="rank depends on beam order"):
+        train_reasoning_srpo(
+            replace(srpo, rl=replace(srpo.rl, rewards={"rank": 1.0})), dataset, rec, tmp_path / "c", tmp_path / "cw"
+        )

@@ -43,6 +43,9 @@ class GREAMConfig:
     # Reasoning-mode inference: rationale token budget, and greedy (0) or sampled decoding.
     max_think_tokens: int = 48
     think_temperature: float = 0.0
+    # SRPO's rollouts (stage gream_rl): "direct" (trie-constrained SIDs from the seqrec prompt)
+    # or "reasoning" (a sampled rationale, then the answer SID; genrec.methods.gream.srpo).
+    rl_rollout: str = "direct"
 
     def __post_init__(self) -> None:
         _check(self.chains_per_user >= 0, f"gream.chains_per_user must be >= 0 (0 = all), got {self.chains_per_user}")
@@ -64,3 +67,7 @@ class GREAMConfig:
         _check(self.teacher_max_chains >= 0, "gream.teacher_max_chains must be >= 0 (0 = no cap)")
         _check(self.max_think_tokens >= 1, f"gream.max_think_tokens must be >= 1, got {self.max_think_tokens}")
         _check(self.think_temperature >= 0, f"gream.think_temperature must be >= 0, got {self.think_temperature}")
+        _check(
+            self.rl_rollout in ("direct", "reasoning"),
+            f"gream.rl_rollout must be 'direct' or 'reasoning', got {self.rl_rollout!r}",
+        )

@@ -136,6 +136,13 @@ def run_rl(ctx) -> dict:
 
     dataset = Dataset.load(ctx.input("prepare"), ctx.cfg.data.max_history)
     recommender = GenerativeRecommender.load(ctx.input("gream_sft") / "model")
-    summary = train_rl(ctx.cfg, dataset, recommender, ctx.out, ctx.work, extra_columns=stage_columns(ctx))
+    if ctx.cfg.gream.rl_rollout == "reasoning":
+        from genrec.methods.gream.srpo import train_reasoning_srpo
+
+        summary = train_reasoning_srpo(
+            ctx.cfg, dataset, recommender, ctx.out, ctx.work, extra_columns=stage_columns(ctx)
+        )
+    else:
+        summary = train_rl(ctx.cfg, dataset, recommender, ctx.out, ctx.work, extra_columns=stage_columns(ctx))
     res = evaluate_modes(ctx.cfg, dataset, recommender, ctx.out / "eval", "gream+srpo")
     return {**summary, **{f"{mode}_test_ndcg@10": r["test"]["ndcg@10"] for mode, r in res.items()}}
