@@ -61,20 +61,10 @@ def trajectory_columns(rollout, targets: np.ndarray, retriever) -> dict[str, np.
 
 def policy_loss(model, ids: list[list[int]], generated: list[list[bool]], advantages: np.ndarray, pad_id: int):
     """The REINFORCE++ loss of a batch of trajectories (the module docstring), and the LLM-token count."""
-    device = next(model.parameters()).device
-    width = max(len(r) for r in ids)
-    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.bool)
-    attention = torch.zeros((len(ids), width), dtype=torch.long)
-    for b, (row, gen) in enumerate(zip(ids, generated)):
-        input_ids[b, : len(row)] = torch.as_tensor(row)
-        mask[b, : len(row)] = torch.as_tensor(gen)
-        attention[b, : len(row)] = 1
-    input_ids, mask, attention = input_ids.to(device), mask.to(device), attention.to(device)
-    logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1].float()  # (n, T-1, V)
-    logp = torch.log_softmax(logits, dim=-1).gather(2, input_ids[:, 1:, None]).squeeze(2)  # (n, T-1)
-    token_mask = mask[:, 1:].float()
-    adv = torch.as_tensor(advantages, dtype=torch.float32, device=device)[:, None]
+    from genrec.train.rl import sequence_log_probs
+
+    logp, token_mask = sequence_log_probs(model, ids, generated, pad_id)  # (n, T-1) each
+    adv = torch.as_tensor(advantages, dtype=torch.float32, device=logp.device)[:, None]
     count = token_mask.sum().clamp(min=1.0)
     return -(adv * logp * token_mask).sum() / count, int(token_mask.sum())
 

@@ -110,6 +110,30 @@ def completion_log_probs(model, input_ids, attention_mask, token_ids):
     return (picked - torch.logsumexp(logits, dim=-1)).view(b, g, num_tokens)
 
 
+def sequence_log_probs(model, ids: list[list[int]], generated: list[list[bool]], pad_id: int):
+    """Teacher-forced log-probs (N, T-1) of every next token of variable-length rows (right-padded
+    here), and (N, T-1) float 1 where ``generated`` marks the predicted token as one that takes loss.
+
+    For completions of different lengths (GREAM's reasoning rollouts, DeepRec's trajectories);
+    fixed-length SID completions use the cheaper :func:`completion_log_probs`.
+    """
+    import torch
+
+    device = next(model.parameters()).device
+    width = max(len(r) for r in ids)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.bool)
+    attention = torch.zeros((len(ids), width), dtype=torch.long)
+    for b, (row, gen) in enumerate(zip(ids, generated)):
+        input_ids[b, : len(row)] = torch.as_tensor(row)
+        mask[b, : len(row)] = torch.as_tensor(gen)
+        attention[b, : len(row)] = 1
+    input_ids, mask, attention = input_ids.to(device), mask.to(device), attention.to(device)
+    logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1].float()  # (N, T-1, V)
+    logp = torch.log_softmax(logits, dim=-1).gather(2, input_ids[:, 1:, None]).squeeze(2)
+    return logp, mask[:, 1:].float()
+
+
 def _model_device(model):
     return next(model.parameters()).device
 

@@ -102,23 +102,6 @@ def reasoning_rollout(
     )
 
 
-def sequence_log_probs(model, ids: list[list[int]], generated: list[list[bool]], pad_id: int):
-    """Teacher-forced log-probs (N, T-1) of every next token of right-padded rows, and the loss mask (N, T-1)."""
-    device = next(model.parameters()).device
-    width = max(len(r) for r in ids)
-    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.bool)
-    attention = torch.zeros((len(ids), width), dtype=torch.long)
-    for b, (row, gen) in enumerate(zip(ids, generated)):
-        input_ids[b, : len(row)] = torch.as_tensor(row)
-        mask[b, : len(row)] = torch.as_tensor(gen)
-        attention[b, : len(row)] = 1
-    input_ids, mask, attention = input_ids.to(device), mask.to(device), attention.to(device)
-    logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1].float()  # (N, T-1, V)
-    logp = torch.log_softmax(logits, dim=-1).gather(2, input_ids[:, 1:, None]).squeeze(2)
-    return logp, mask[:, 1:].float()
-
-
 def train_reasoning_srpo(cfg, dataset: Dataset, recommender, out_dir: Path, work_dir: Path, extra_columns=None) -> dict:
     """SRPO of ``recommender`` in place on reasoning rollouts; keeps the best valid weights."""
     from tqdm import tqdm
@@ -137,6 +120,7 @@ def train_reasoning_srpo(cfg, dataset: Dataset, recommender, out_dir: Path, work
         _set_rng_state,
         plot_curves,
         sample_examples,
+        sequence_log_probs,
         training_prompts,
     )
 
