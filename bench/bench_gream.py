@@ -1,121 +1,186 @@
-"""GREAM variants on one prepared run directory: direct and reasoning mode, with and without curriculum and SRPO.
+"""GREAM's variants over seeds: direct and reasoning mode, with and without the curriculum and SRPO.
 
-    genrec run configs/gream-ml-100k.yaml run_dir=RUN 'stages=[prepare,text,embed,sid]'
-    nice -n 10 python bench/bench_gream.py configs/gream-ml-100k.yaml RUN OUT [key=value ...]
+    python bench/bench_gream.py [--datasets ml-100k] [--seeds 1 2 3] [--variants full align ...] [--set key=value ...]
 
-Variants (the config's settings otherwise):
-- ``align``: alignment tasks only (seqrec, item2sid, titles2sid, co2sid); direct mode;
-- ``reason``: + ``gream_reason`` with full chains from the first epoch (no curriculum);
-- ``curriculum``: + ``gream_reason`` with the five-stage curriculum (``gream.curriculum_epochs``);
-- ``curriculum+srpo``: the ``curriculum`` model after SRPO (the ``rl`` section).
-Each is evaluated on every test user (``eval`` section), HR/NDCG and ms per user; results go to
-``OUT/results.json`` and a markdown table to ``OUT/results.md``.
+Each variant is a pipeline run of the dataset's GREAM config into
+bench/out/gream/<dataset>/<variant>/seed_<s>/ (seed by seed, so that a stopped benchmark
+leaves whole seeds); the table, with the command and the machine, goes to
+bench/results/gream.md (rerunning one dataset keeps the others' sections). Rows (test split,
+every test user, full ranking, mean ± std over seeds):
+
+- curriculum: the config as shipped (alignment tasks + data-derived reasoning chains with
+  the five-stage curriculum), its ``gream_eval`` in the direct and the reasoning mode;
+- curriculum + SRPO: the same model after ``gream_rl`` (SRPO on reasoning rollouts);
+- no curriculum: full chains from the first epoch (``gream.curriculum_epochs=0``);
+- alignment only: the alignment tasks without the reasoning task (direct mode only: a model
+  never trained to reason has no reasoning mode).
+
+Latency (ms per test user, the harness's measure) comes from the same evaluations.
 """
 
 from __future__ import annotations
 
-import json
+import argparse
+import os
+import platform
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
-import torch
 
-from genrec.config import load_config, to_dict
-from genrec.data.dataset import Dataset
-from genrec.io import write_json
-from genrec.methods.gream.stage import evaluate_modes, make_chains
-from genrec.methods.gream.tasks import REASON_TASK, gream_builders
-from genrec.model.recommender import GenerativeRecommender
-from genrec.train.rl import train_rl
-from genrec.train.sft import train_sft
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = {"ml-100k": "configs/gream-ml-100k.yaml"}
+SFT_STAGES = "stages=[prepare, text, embed, sid, gream_sft, gream_eval]"
+VARIANTS = ("full", "align", "no-curriculum")
+# Table row -> (variant run, model of genrec.eval.aggregate.METRIC_DIRS).
+ROWS = {
+    "curriculum (direct)": ("full", "gream (direct)"),
+    "curriculum (reasoning)": ("full", "gream (reasoning)"),
+    "curriculum + SRPO (direct)": ("full", "gream+srpo (direct)"),
+    "curriculum + SRPO (reasoning)": ("full", "gream+srpo (reasoning)"),
+    "no curriculum (direct)": ("no-curriculum", "gream (direct)"),
+    "no curriculum (reasoning)": ("no-curriculum", "gream (reasoning)"),
+    "alignment only (direct)": ("align", "gream (direct)"),
+}
 
 
-def main(config: str, run_dir: str, out: str, *overrides: str) -> None:
-    torch.set_num_threads(2)
-    cfg = load_config(config, [f"run_dir={run_dir}", *overrides])
-    run, out = Path(run_dir), Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    dataset = Dataset.load(run / "prepare", cfg.data.max_history)
-    codes = np.load(run / "sid" / "codes.npy")
-    texts = pd.read_parquet(run / "text" / "items_text.parquet")["text"].astype(str).tolist()
-    chains, chain_stats = make_chains(cfg, dataset, out / "cache")
-    align_tasks = {name: w for name, w in cfg.sft.tasks.items() if name != REASON_TASK}
-    variants = {
-        "curriculum": (cfg, ("direct", "reasoning")),
-        "reason": (replace(cfg, gream=replace(cfg.gream, curriculum_epochs=0)), ("direct", "reasoning")),
-        "align": (replace(cfg, sft=replace(cfg.sft, tasks=align_tasks)), ("direct",)),
-    }
-    results = {"config": to_dict(cfg), "chains": chain_stats, "variants": {}}
+def variant_config(dataset: str, variant: str, out: Path, extra: list[str]):
+    """The dataset's GREAM config with the variant's overrides, run into ``out/dataset/variant``."""
+    from genrec.config import load_config
+    from genrec.methods.gream.tasks import REASON_TASK
 
-    def record(name: str, res: dict, extra: dict) -> None:
-        results["variants"][name] = {
-            **extra,
-            **{
-                mode: {k: r["test"][k] for k in ("hr@10", "ndcg@10", "hr@20", "ndcg@20", "ms_per_user")}
-                for mode, r in res.items()
-            },
-        }
-        write_json(out / "results.json", results)
-        print(name, json.dumps(results["variants"][name]), flush=True)
+    base = load_config(ROOT / CONFIGS[dataset], extra)
+    overrides = {
+        "full": [],
+        "no-curriculum": [SFT_STAGES, "gream.curriculum_epochs=0"],
+        "align": [
+            SFT_STAGES,
+            "sft.tasks={" + ", ".join(f"{t}: {w}" for t, w in base.sft.tasks.items() if t != REASON_TASK) + "}",
+        ],
+    }[variant]
+    return load_config(ROOT / CONFIGS[dataset], [f"run_dir={out / dataset / variant}", *overrides, *extra])
 
-    # The curriculum model first: SRPO starts from it, and the slower baselines come last.
-    for name, (vcfg, modes) in variants.items():
-        started = time.perf_counter()
-        summary = train_sft(
-            vcfg,
-            dataset,
-            codes,
-            texts,
-            out / name / "sft",
-            out / name / "work",
-            extra_tasks=gream_builders(vcfg.gream, chains),
-        )
-        recommender = GenerativeRecommender.load(out / name / "sft" / "model", device="cpu")
-        res = evaluate_modes(vcfg, dataset, recommender, out / name / "eval", name, modes, splits=("test",))
-        record(
-            name,
-            res,
-            {
-                "sft_epochs": summary["epochs"],
-                "best_valid_ndcg@10": summary["best_valid_ndcg@10"],
-                "sft_seconds": summary["train_seconds"],
-                "seconds": round(time.perf_counter() - started),
-            },
-        )
-        if name != "curriculum":
+
+def variant_rows(dataset_dir: Path, seeds: list[int]) -> dict[str, dict]:
+    """Table row -> metric -> {mean, std, n, values}, from the seed run directories that exist."""
+    from genrec.eval.aggregate import collect, summarise
+
+    rows = {}
+    for row, (variant, model) in ROWS.items():
+        runs = [dataset_dir / variant / f"seed_{s}" for s in seeds]
+        summary = summarise(collect([r for r in runs if r.is_dir()]))
+        if model in summary:
+            rows[row] = summary[model]
+    return rows
+
+
+def _mean_std(values: list[float], fmt: str) -> str:
+    if not values:
+        return "-"
+    std = np.std(values, ddof=1) if len(values) > 1 else 0.0
+    return f"{np.mean(values):{fmt}} ± {std:{fmt}}"
+
+
+def training_rows(dataset_dir: Path, seeds: list[int]) -> str:
+    """Per variant: SFT epochs, best valid NDCG@10, SFT minutes, SRPO steps and whether SRPO's weights were kept."""
+    from genrec.io import read_json
+
+    lines = [
+        "| variant | SFT epochs | SFT best valid NDCG@10 | SFT min | SRPO steps | SRPO valid NDCG@10 (SFT's) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for variant in VARIANTS:
+        sft, rl = [], []
+        for s in seeds:
+            path = dataset_dir / variant / f"seed_{s}" / "gream_sft" / "done.json"
+            if path.is_file():
+                sft.append(read_json(path)["summary"])
+            path = dataset_dir / variant / f"seed_{s}" / "gream_rl" / "done.json"
+            if path.is_file():
+                rl.append(read_json(path)["summary"])
+        if not sft:
             continue
-        started = time.perf_counter()
-        summary = train_rl(cfg, dataset, recommender, out / "srpo" / "rl", out / "srpo" / "work")
-        res = evaluate_modes(cfg, dataset, recommender, out / "srpo" / "eval", "curriculum+srpo", splits=("test",))
-        record(
-            "curriculum+srpo",
-            res,
-            {
-                "rl_steps": summary["steps"],
-                "best_valid_ndcg@10": summary["best_valid_ndcg@10"],
-                "sft_valid_ndcg@10": summary["sft_valid_ndcg@10"],
-                "seconds": round(time.perf_counter() - started),
-            },
-        )
+        rl_cells = ["-", "-"]
+        if rl:
+            rl_cells = [
+                _mean_std([float(r["steps"]) for r in rl], ".0f"),
+                _mean_std([float(r["best_valid_ndcg@10"]) for r in rl], ".4f")
+                + f" ({_mean_std([float(r['sft_valid_ndcg@10']) for r in rl], '.4f')})",
+            ]
+        cells = [
+            _mean_std([float(r["epochs"]) for r in sft], ".1f"),
+            _mean_std([float(r["best_valid_ndcg@10"]) for r in sft], ".4f"),
+            _mean_std([r["train_seconds"] / 60 for r in sft], ".1f"),
+            *rl_cells,
+        ]
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
-    lines = ["| variant | mode | HR@10 | NDCG@10 | HR@20 | NDCG@20 | ms/user |", "|---|---|---|---|---|---|---|"]
-    for name, v in results["variants"].items():
-        for mode in ("direct", "reasoning"):
-            if mode in v:
-                m = v[mode]
-                lines.append(
-                    f"| {name} | {mode} | {m['hr@10']:.4f} | {m['ndcg@10']:.4f} | {m['hr@20']:.4f} | "
-                    f"{m['ndcg@20']:.4f} | {m['ms_per_user']:.1f} |"
-                )
-    (out / "results.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+
+def dataset_section(name: str, dataset_dir: Path, seeds: list[int], command: str, wall_s: float) -> str:
+    from genrec.eval.aggregate import format_summary
+    from genrec.io import read_json
+
+    rows = variant_rows(dataset_dir, seeds)
+    stats = read_json(dataset_dir / "full" / f"seed_{seeds[0]}" / "prepare" / "stats.json")
+    latency = "\n".join(
+        f"- {row}: {_mean_std(m['ms_per_user']['values'], '.1f')}" for row, m in rows.items() if "ms_per_user" in m
+    )
+    return (
+        f"### {name}: {stats['users']:,} users, {stats['items']:,} items\n\n"
+        f"Command: `{command}`; {platform.machine()}, {os.cpu_count()} CPU cores, "
+        f"Python {platform.python_version()}, {time.strftime('%Y-%m-%d')}; wall {wall_s / 60:.1f} min.\n\n"
+        f"{format_summary(rows, ks=(5, 10, 20))}\n\n"
+        f"ms per test user (evaluation, batch of the eval section):\n\n{latency}\n\n"
+        f"Training (mean ± std over seeds):\n\n{training_rows(dataset_dir, seeds)}\n"
+    )
+
+
+def main() -> int:
+    from genrec.io import atomic_write_text
+    from genrec.pipeline import run_pipeline
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_baselines import previous_sections
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--datasets", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for every run")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench/out/gream")
+    args = ap.parse_args()
+
+    results = ROOT / "bench/results/gream.md"
+    sections = {}
+    for name in args.datasets:
+        started = time.time()
+        for seed in args.seeds:
+            for variant in args.variants:
+                cfg = variant_config(name, variant, args.out, args.set)
+                run_pipeline(_seeded(cfg, seed))
+        command = f"python bench/bench_gream.py --datasets {name} --seeds {' '.join(map(str, args.seeds))}"
+        command += "".join(f" --set {o}" for o in args.set)
+        sections[name] = dataset_section(name, args.out / name, args.seeds, command, time.time() - started)
+    header = (
+        "# GREAM: direct and reasoning mode, with and without the curriculum and SRPO\n\n"
+        "Test split, leave-one-out, full ranking over all items, seen items excluded, mean ± std over the "
+        "seeds; data-derived reasoning chains (no teacher LLM). Rows are explained in bench/bench_gream.py "
+        "and docs/gream.md. Each dataset's section gives its command and machine.\n\n"
+    )
+    sections = {**previous_sections(results, CONFIGS), **sections}
+    atomic_write_text(results, header + "\n".join(sections[n] for n in CONFIGS if n in sections))
+    print(results.read_text())
+    return 0
+
+
+def _seeded(cfg, seed: int):
+    """``cfg`` with ``seed``, run into ``<run_dir>/seed_<seed>`` (the layout of genrec.eval.aggregate.run_seeds)."""
+    import dataclasses
+
+    return dataclasses.replace(cfg, seed=seed, run_dir=str(Path(cfg.run_dir) / f"seed_{seed}"))
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 4:
-        sys.exit(__doc__)
-    main(*sys.argv[1:])
+    sys.exit(main())

@@ -217,7 +217,7 @@ def test_generate_rationales_greedy_stop_and_forced():
 
 
 def test_reasoning_mode_trains_and_always_answers_with_items(tmp_path):
-    from genrec.methods.gream.stage import evaluate_modes
+    from genrec.methods.gream.stage import evaluate_modes, model_modes
     from genrec.model.recommender import GenerativeRecommender
     from genrec.train.sft import train_sft
 
@@ -260,8 +260,11 @@ def test_reasoning_mode_trains_and_always_answers_with_items(tmp_path):
 
     seqrec_only = load_config(None, ["run_dir=unused", *TINY, "sft.max_epochs=1"])
     train_sft(seqrec_only, dataset, codes, texts, tmp_path / "o2", tmp_path / "w2")
+    plain = GenerativeRecommender.load(tmp_path / "o2" / "model", device="cpu")
     with pytest.raises(ValueError, match="not trained with the 'gream_reason' task"):
-        reasoning_recommend(GenerativeRecommender.load(tmp_path / "o2" / "model", device="cpu"), histories, k=5)
+        reasoning_recommend(plain, histories, k=5)
+    # The gream_eval and gream_rl stages evaluate such a model in the direct mode only.
+    assert model_modes(plain) == ("direct",) and model_modes(rec) == ("direct", "reasoning")
 
 
 def test_shipped_config_and_bad_values():
@@ -362,3 +365,58 @@ def check_reasoning_srpo(rec, dataset, cfg, tmp_path):
         train_reasoning_srpo(
             replace(srpo, rl=replace(srpo.rl, rewards={"rank": 1.0})), dataset, rec, tmp_path / "c", tmp_path / "cw"
         )
+
+
+def load_gream_bench():
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("bench_gream", ROOT / "bench" / "bench_gream.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_gream"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_variants_and_rows(tmp_path):
+    import json
+
+    bench = load_gream_bench()
+    full = bench.variant_config("ml-100k", "full", tmp_path, [f"run_dir={tmp_path / 'r'}"])
+    shipped = load_config(ROOT / "configs" / "gream-ml-100k.yaml", [f"run_dir={tmp_path / 'r'}"])
+    assert full == shipped  # the full variant is the shipped config
+    align = bench.variant_config("ml-100k", "align", tmp_path, [])
+    assert "gream_reason" not in align.sft.tasks and align.sft.tasks["co2sid"] == shipped.sft.tasks["co2sid"]
+    assert "gream_rl" not in align.stages and align.run_dir == str(tmp_path / "ml-100k" / "align")
+    assert bench.variant_config("ml-100k", "no-curriculum", tmp_path, []).gream.curriculum_epochs == 0
+
+    def fake(path: Path, ndcg: float, ms: float) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        test = {"hr@5": 2 * ndcg, "ndcg@5": ndcg, "hr@10": 3 * ndcg, "ndcg@10": ndcg, "ms_per_user": ms}
+        (path / "metrics.json").write_text(json.dumps({"test": test, "valid": test}))
+
+    for s, bump in ((1, 0.0), (2, 0.02)):
+        run = tmp_path / "full" / f"seed_{s}"
+        fake(run / "gream_eval" / "direct", 0.10 + bump, 5.0)
+        fake(run / "gream_eval" / "reasoning", 0.05 + bump, 30.0)
+        fake(run / "gream_rl" / "eval" / "direct", 0.11 + bump, 5.0)
+        fake(tmp_path / "align" / f"seed_{s}" / "gream_eval" / "direct", 0.20 + bump, 4.0)
+        (run / "gream_sft").mkdir()
+        summary = {"epochs": 8, "best_valid_ndcg@10": 0.1, "train_seconds": 120.0}
+        (run / "gream_sft" / "done.json").write_text(json.dumps({"summary": summary}))
+    (tmp_path / "full" / "seed_1" / "prepare").mkdir()
+    (tmp_path / "full" / "seed_1" / "prepare" / "stats.json").write_text(json.dumps({"users": 943, "items": 1349}))
+    rows = bench.variant_rows(tmp_path, [1, 2])
+    assert list(rows) == [
+        "curriculum (direct)",
+        "curriculum (reasoning)",
+        "curriculum + SRPO (direct)",
+        "alignment only (direct)",
+    ]
+    assert rows["curriculum (reasoning)"]["ndcg@10"]["values"] == pytest.approx([0.05, 0.07])
+    assert rows["alignment only (direct)"]["ndcg@10"]["mean"] == pytest.approx(0.21)
+    section = bench.dataset_section("ml-100k", tmp_path, [1, 2], "python bench/bench_gream.py", 60.0)
+    assert section.startswith("### ml-100k: 943 users, 1,349 items")
+    assert "| curriculum + SRPO (direct) | 2 | 0.2400 ± 0.0283 | 0.1200 ± 0.0141 |" in section
+    assert "- curriculum (reasoning): 30.0 ± 0.0" in section
+    assert "| full | 8.0 ± 0.0 | 0.1000 ± 0.0000 | 2.0 ± 0.0 | - | - |" in section

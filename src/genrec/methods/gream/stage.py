@@ -119,13 +119,21 @@ def evaluate_modes(
     return results
 
 
+def model_modes(recommender) -> tuple[str, ...]:
+    """The inference modes ``recommender`` has: reasoning only when it was trained with the reasoning task."""
+    if REASON_TASK in recommender.fmt.heads:
+        return MODES
+    log.info("gream: the model was not trained with %r, so it is evaluated in the direct mode only", REASON_TASK)
+    return ("direct",)
+
+
 def run_eval(ctx, model_dir: Path | None = None) -> dict:
-    """Both modes of the GREAM SFT model (or ``model_dir``) into ``ctx.out/<mode>/``."""
+    """Each mode of the GREAM SFT model (or ``model_dir``) into ``ctx.out/<mode>/`` (see :func:`model_modes`)."""
     from genrec.model.recommender import GenerativeRecommender
 
     dataset = Dataset.load(ctx.input("prepare"), ctx.cfg.data.max_history)
     recommender = GenerativeRecommender.load(model_dir or ctx.input("gream_sft") / "model")
-    res = evaluate_modes(ctx.cfg, dataset, recommender, ctx.out, "gream")
+    res = evaluate_modes(ctx.cfg, dataset, recommender, ctx.out, "gream", model_modes(recommender))
     return {f"{mode}_test_ndcg@10": r["test"]["ndcg@10"] for mode, r in res.items()}
 
 
@@ -144,5 +152,5 @@ def run_rl(ctx) -> dict:
         )
     else:
         summary = train_rl(ctx.cfg, dataset, recommender, ctx.out, ctx.work, extra_columns=stage_columns(ctx))
-    res = evaluate_modes(ctx.cfg, dataset, recommender, ctx.out / "eval", "gream+srpo")
+    res = evaluate_modes(ctx.cfg, dataset, recommender, ctx.out / "eval", "gream+srpo", model_modes(recommender))
     return {**summary, **{f"{mode}_test_ndcg@10": r["test"]["ndcg@10"] for mode, r in res.items()}}
