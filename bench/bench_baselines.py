@@ -32,6 +32,23 @@ def previous_sections(path: Path, names=CONFIGS) -> dict[str, str]:
     return sections
 
 
+def variant_rows(dataset_dir: Path, seeds: list[int], rows: dict[str, tuple[str, str]]) -> dict[str, dict]:
+    """Table row -> metric -> {mean, std, n, values}; ``rows`` maps a row to (variant, model of METRIC_DIRS).
+
+    Each variant's runs are ``dataset_dir/<variant>/seed_<s>``; rows whose model has no metrics
+    in any of them are left out.
+    """
+    from genrec.eval.aggregate import collect, summarise
+
+    out = {}
+    for row, (variant, model) in rows.items():
+        runs = [dataset_dir / variant / f"seed_{s}" for s in seeds]
+        summary = summarise(collect([r for r in runs if r.is_dir()]))
+        if model in summary:
+            out[row] = summary[model]
+    return out
+
+
 def main() -> int:
     from genrec.config import load_config
     from genrec.eval.aggregate import collect, format_summary, run_seeds, summarise

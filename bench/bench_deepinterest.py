@@ -28,6 +28,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import bench_baselines  # noqa: E402
+
 # The datasets' generative configs (their sid, model, sft and rl sections); every variant but
 # "without MLIM" adds DEEPINTEREST.
 CONFIGS = {"ml-100k": "configs/ml-100k.yaml", "beauty": "configs/beauty.yaml"}
@@ -75,16 +78,8 @@ def variant_config(dataset: str, variant: str, out: Path, extra: list[str]):
 
 
 def ablation_rows(dataset_dir: Path, seeds: list[int]) -> dict[str, dict]:
-    """Table row -> metric -> {mean, std, n, values}, from the variants' seed run directories that exist."""
-    from genrec.eval.aggregate import collect, summarise
-
-    rows = {}
-    for row, (variant, model) in ROWS.items():
-        runs = [dataset_dir / variant / f"seed_{s}" for s in seeds]
-        summary = summarise(collect([r for r in runs if r.is_dir()]))
-        if model in summary:
-            rows[row] = summary[model]
-    return rows
+    """Table row -> metric -> {mean, std, n, values}, from the seed run directories that exist."""
+    return bench_baselines.variant_rows(dataset_dir, seeds, ROWS)
 
 
 def rldi_measures(dataset_dir: Path, seeds: list[int]) -> dict[str, list[float]]:

@@ -30,6 +30,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import bench_baselines  # noqa: E402
+
 CONFIGS = {"ml-100k": "configs/gream-ml-100k.yaml"}
 SFT_STAGES = "stages=[prepare, text, embed, sid, gream_sft, gream_eval]"
 VARIANTS = ("full", "align", "no-curriculum")
@@ -64,15 +67,7 @@ def variant_config(dataset: str, variant: str, out: Path, extra: list[str]):
 
 def variant_rows(dataset_dir: Path, seeds: list[int]) -> dict[str, dict]:
     """Table row -> metric -> {mean, std, n, values}, from the seed run directories that exist."""
-    from genrec.eval.aggregate import collect, summarise
-
-    rows = {}
-    for row, (variant, model) in ROWS.items():
-        runs = [dataset_dir / variant / f"seed_{s}" for s in seeds]
-        summary = summarise(collect([r for r in runs if r.is_dir()]))
-        if model in summary:
-            rows[row] = summary[model]
-    return rows
+    return bench_baselines.variant_rows(dataset_dir, seeds, ROWS)
 
 
 def _mean_std(values: list[float], fmt: str) -> str:
@@ -141,9 +136,6 @@ def main() -> int:
     from genrec.io import atomic_write_text
     from genrec.pipeline import run_pipeline
 
-    sys.path.insert(0, str(ROOT / "bench"))
-    from bench_baselines import previous_sections
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--datasets", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
@@ -169,7 +161,7 @@ def main() -> int:
         "seeds; data-derived reasoning chains (no teacher LLM). Rows are explained in bench/bench_gream.py "
         "and docs/gream.md. Each dataset's section gives its command and machine.\n\n"
     )
-    sections = {**previous_sections(results, CONFIGS), **sections}
+    sections = {**bench_baselines.previous_sections(results, CONFIGS), **sections}
     atomic_write_text(results, header + "\n".join(sections[n] for n in CONFIGS if n in sections))
     print(results.read_text())
     return 0

@@ -99,3 +99,16 @@ def tiny_dataset():
 
     items, sequences = make_dataset_frames()
     return Dataset(items, sequences, max_history=5)
+
+
+def load_bench(name: str):
+    """The module of ``bench/<name>.py`` (bench scripts are not a package)."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

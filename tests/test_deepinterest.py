@@ -2,29 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import TINY_GENERATIVE, make_dataset_frames
+from conftest import TINY_GENERATIVE, load_bench, make_dataset_frames
 from genrec.config import load_config, to_dict
 from genrec.tasks.interests import Interest2SIDTask, interest_examples
 from genrec.text.compose import compose_texts, fold_interests
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_deepinterest", ROOT / "bench" / "bench_deepinterest.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_deepinterest"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_ieid_folds_only_positive_interests_into_the_text():
@@ -107,7 +97,7 @@ def fake_metrics(path: Path, hr5: float) -> None:
 
 
 def test_bench_rows_come_from_the_right_variant_and_model(tmp_path):
-    bench = load_bench()
+    bench = load_bench("bench_deepinterest")
     for s, bump in ((1, 0.0), (2, 0.02)):
         full = tmp_path / "full" / f"seed_{s}"
         fake_metrics(full / "eval", 0.10 + bump)
@@ -129,7 +119,7 @@ def test_bench_rows_come_from_the_right_variant_and_model(tmp_path):
 
 
 def test_bench_variants_load_for_both_datasets(tmp_path):
-    bench = load_bench()
+    bench = load_bench("bench_deepinterest")
     for dataset in bench.CONFIGS:
         for variant in bench.VARIANTS:
             cfg = bench.variant_config(dataset, variant, tmp_path, [])

@@ -11,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from conftest import TINY_GENERATIVE, held_out_dataset, tiny_codes  # noqa: E402
+from conftest import TINY_GENERATIVE, held_out_dataset, load_bench, tiny_codes  # noqa: E402
 from genrec.config import ConfigError, load_config  # noqa: E402
 from genrec.decode.text import find_end  # noqa: E402
 from genrec.interests.backends import ChatResult  # noqa: E402
@@ -367,21 +367,10 @@ def check_reasoning_srpo(rec, dataset, cfg, tmp_path):
         )
 
 
-def load_gream_bench():
-    import importlib.util
-    import sys
-
-    spec = importlib.util.spec_from_file_location("bench_gream", ROOT / "bench" / "bench_gream.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_gream"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_bench_variants_and_rows(tmp_path):
     import json
 
-    bench = load_gream_bench()
+    bench = load_bench("bench_gream")
     full = bench.variant_config("ml-100k", "full", tmp_path, [f"run_dir={tmp_path / 'r'}"])
     shipped = load_config(ROOT / "configs" / "gream-ml-100k.yaml", [f"run_dir={tmp_path / 'r'}"])
     assert full == shipped  # the full variant is the shipped config
