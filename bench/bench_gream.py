@@ -113,6 +113,21 @@ def training_rows(dataset_dir: Path, seeds: list[int]) -> str:
     return "\n".join(lines)
 
 
+def _forced(dataset_dir: Path, seeds: list[int], row: str) -> str:
+    """For a reasoning row: the share of rationales whose budget ran out, and their length (rationales.json)."""
+    from genrec.eval.aggregate import METRIC_DIRS
+    from genrec.io import read_json
+
+    variant, model = ROWS[row]
+    paths = [dataset_dir / variant / f"seed_{s}" / METRIC_DIRS[model] / "rationales.json" for s in seeds]
+    stats = [read_json(p) for p in paths if p.is_file()]
+    if not stats:
+        return ""
+    forced = _mean_std([100 * r["forced_share"] for r in stats], ".1f")
+    tokens = _mean_std([r["mean_tokens"] for r in stats], ".1f")
+    return f"; rationale {tokens} tokens, {forced}% forced (budget {stats[0]['max_think_tokens']})"
+
+
 def dataset_section(name: str, dataset_dir: Path, seeds: list[int], command: str, wall_s: float) -> str:
     from genrec.eval.aggregate import format_summary
     from genrec.io import read_json
@@ -120,7 +135,9 @@ def dataset_section(name: str, dataset_dir: Path, seeds: list[int], command: str
     rows = variant_rows(dataset_dir, seeds)
     stats = read_json(dataset_dir / "full" / f"seed_{seeds[0]}" / "prepare" / "stats.json")
     latency = "\n".join(
-        f"- {row}: {_mean_std(m['ms_per_user']['values'], '.1f')}" for row, m in rows.items() if "ms_per_user" in m
+        f"- {row}: {_mean_std(m['ms_per_user']['values'], '.1f')}{_forced(dataset_dir, seeds, row)}"
+        for row, m in rows.items()
+        if "ms_per_user" in m
     )
     return (
         f"### {name}: {stats['users']:,} users, {stats['items']:,} items\n\n"

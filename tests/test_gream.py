@@ -244,8 +244,10 @@ def test_reasoning_mode_trains_and_always_answers_with_items(tmp_path):
     assert out.items.shape == (4, 5) and bool((out.items >= 0).all()) and bool((out.items < 110).all())
     assert all(r.startswith("<think>") for r in rationales)
     # A one-token budget is always exhausted: the answer marker is forced, and the answer is still an item.
-    out, rationales = reasoning_recommend(rec, histories, k=5, max_think_tokens=1)
+    stats = {}
+    out, rationales = reasoning_recommend(rec, histories, k=5, max_think_tokens=1, stats=stats)
     assert all(r.endswith("[forced]") for r in rationales) and bool((out.items >= 0).all())
+    assert stats == {"users": 4, "forced": 4, "tokens": 4}
     # Sampled rationales (malformed text, stray SID tokens) never break the constrained answer.
     gen = torch.Generator().manual_seed(0)
     out, _ = reasoning_recommend(rec, histories, k=5, max_think_tokens=8, temperature=3.0, generator=gen)
@@ -253,6 +255,9 @@ def test_reasoning_mode_trains_and_always_answers_with_items(tmp_path):
     res = evaluate_modes(cfg, dataset, rec, tmp_path / "eval", "tiny", splits=("test",))
     assert set(res) == {"direct", "reasoning"}
     assert (tmp_path / "eval" / "reasoning" / "metrics.json").is_file()
+    rat = res["reasoning"]["rationales"]
+    assert rat["users"] == len(dataset.examples("test")) and 0.0 <= rat["forced_share"] <= 1.0
+    assert 0 < rat["mean_tokens"] <= cfg.gream.max_think_tokens
     ranked = pd.read_parquet(tmp_path / "eval" / "reasoning" / "predictions.parquet")["ranked"]
     assert all((np.asarray(r) >= 0).all() for r in ranked)
 
@@ -388,6 +393,8 @@ def test_bench_variants_and_rows(tmp_path):
         run = tmp_path / "full" / f"seed_{s}"
         fake(run / "gream_eval" / "direct", 0.10 + bump, 5.0)
         fake(run / "gream_eval" / "reasoning", 0.05 + bump, 30.0)
+        rationales = {"forced_share": 0.1 * s, "mean_tokens": 80.0, "max_think_tokens": 96}
+        (run / "gream_eval" / "reasoning" / "rationales.json").write_text(json.dumps(rationales))
         fake(run / "gream_rl" / "eval" / "direct", 0.11 + bump, 5.0)
         fake(tmp_path / "align" / f"seed_{s}" / "gream_eval" / "direct", 0.20 + bump, 4.0)
         (run / "gream_sft").mkdir()
@@ -407,5 +414,21 @@ def test_bench_variants_and_rows(tmp_path):
     section = bench.dataset_section("ml-100k", tmp_path, [1, 2], "python bench/bench_gream.py", 60.0)
     assert section.startswith("### ml-100k: 943 users, 1,349 items")
     assert "| curriculum + SRPO (direct) | 2 | 0.2400 ± 0.0283 | 0.1200 ± 0.0141 |" in section
-    assert "- curriculum (reasoning): 30.0 ± 0.0" in section
+    assert (
+        "- curriculum (reasoning): 30.0 ± 0.0; rationale 80.0 ± 0.0 tokens, 15.0 ± 7.1% forced (budget 96)" in section
+    )
+    assert "- curriculum (direct): 5.0 ± 0.0\n" in section
     assert "| full | 8.0 ± 0.0 | 0.1000 ± 0.0000 | 2.0 ± 0.0 | - | - |" in section
+
+
+def test_rationale_stats_warn_when_the_budget_cuts_most_rationales(caplog):
+    from genrec.methods.gream.stage import _rationale_stats
+
+    with caplog.at_level("WARNING", logger="genrec"):
+        out = _rationale_stats({"users": 4, "forced": 3, "tokens": 190}, 48)
+    assert out == {"users": 4, "forced_share": 0.75, "mean_tokens": 47.5, "max_think_tokens": 48}
+    assert "75% of the rationales ran out of gream.max_think_tokens=48" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="genrec"):
+        assert _rationale_stats({"users": 4, "forced": 2, "tokens": 100}, 48)["forced_share"] == 0.5
+    assert caplog.text == ""

@@ -71,11 +71,13 @@ def reasoning_recommend(
     num_beams: int | None = None,
     temperature: float = 0.0,
     generator: torch.Generator | None = None,
+    stats: dict | None = None,
 ) -> tuple[BeamOutput, list[str]]:
     """The top ``k`` items per history after a rationale, and the rationales as text (``<think>`` first).
 
     ``num_beams`` defaults to ``k``. Every returned item is a real item (trie-constrained),
     whatever the rationale holds; ``rationale`` ends with "[forced]" where the budget ran out.
+    ``stats``, when given, accumulates ``users``, ``forced`` and ``tokens`` (rationale tokens).
     """
     num_beams = num_beams or k
     model, fmt, tok = recommender.model, recommender.fmt, recommender.tokenizer
@@ -93,6 +95,10 @@ def reasoning_recommend(
         )
     finally:
         model.train(was_training)
+    if stats is not None:
+        stats["users"] = stats.get("users", 0) + len(prompts)
+        stats["forced"] = stats.get("forced", 0) + int(rationales.forced.sum())
+        stats["tokens"] = stats.get("tokens", 0) + sum(len(ids) for ids in rationales.ids)
     think = encode_text(tok, THINK_OPEN)
     texts = [
         tok.decode(think + ids, skip_special_tokens=False) + (" [forced]" if forced else "")
@@ -102,8 +108,13 @@ def reasoning_recommend(
 
 
 def reasoning_ranker(recommender, num_beams: int, max_think_tokens: int, temperature: float = 0.0, seed: int = 0):
-    """A ranker for ``genrec.eval.evaluate.evaluate``: histories -> (B, num_beams) item ids in reasoning mode."""
+    """A ranker for ``genrec.eval.evaluate.evaluate``: histories -> (B, num_beams) item ids in reasoning mode.
+
+    ``rank.stats`` counts the rationales it generated: ``users``, ``forced`` (the budget ran out
+    before the model wrote the answer marker) and ``tokens`` (their total length).
+    """
     generator = torch.Generator(device=recommender.device).manual_seed(seed) if temperature > 0 else None
+    stats = {"users": 0, "forced": 0, "tokens": 0}
 
     def rank(histories: list[np.ndarray]) -> np.ndarray:
         out, _ = reasoning_recommend(
@@ -114,7 +125,9 @@ def reasoning_ranker(recommender, num_beams: int, max_think_tokens: int, tempera
             num_beams,
             temperature,
             generator,
+            stats,
         )
         return out.items.cpu().numpy()
 
+    rank.stats = stats
     return rank

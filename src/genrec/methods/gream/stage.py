@@ -20,7 +20,7 @@ import numpy as np
 
 from genrec.config import RunConfig
 from genrec.data.dataset import Dataset
-from genrec.io import atomic_write_text
+from genrec.io import atomic_write_text, write_json
 from genrec.methods.gream.chains import Chain, apply_teacher, build_chains
 from genrec.methods.gream.tasks import REASON_TASK, gream_builders
 
@@ -116,7 +116,29 @@ def evaluate_modes(
         else:
             raise ValueError(f"unknown inference mode {mode!r}; modes: {', '.join(MODES)}")
         results[mode] = evaluate(ranker, dataset, eval_cfg, out_dir / mode, splits, cfg.seed, f"{name} {mode}")
+        if mode == "reasoning":
+            results[mode]["rationales"] = _rationale_stats(ranker.stats, cfg.gream.max_think_tokens)
+            write_json(out_dir / mode / "rationales.json", results[mode]["rationales"])
     return results
+
+
+def _rationale_stats(stats: dict, budget: int) -> dict:
+    """Share of rationales that ran out of ``gream.max_think_tokens``, and their mean length; warns when most did."""
+    users = max(stats["users"], 1)
+    out = {
+        "users": stats["users"],
+        "forced_share": round(stats["forced"] / users, 4),
+        "mean_tokens": round(stats["tokens"] / users, 1),
+        "max_think_tokens": budget,
+    }
+    if out["forced_share"] > 0.5:
+        log.warning(
+            "gream: %.0f%% of the rationales ran out of gream.max_think_tokens=%d before the answer marker "
+            "(the answer was forced): raise it above the chains' length",
+            100 * out["forced_share"],
+            budget,
+        )
+    return out
 
 
 def model_modes(recommender) -> tuple[str, ...]:
