@@ -243,7 +243,11 @@ def test_agent_mode_trains_answers_with_items_and_survives_malformed_output(tmp_
         trs = [Transcript(retrieved=[p]) for p in pool]
         ctx = [agent_fmt.prompt(rec, h) for h in hist]
         gen = [[False] * len(c) for c in ctx]
-        rank_answers(rec, retriever, agent_fmt, hist, seen, trs, ctx, gen, 8, False, 0.0, None, weight)
+        ranked = rank_answers(rec, retriever, agent_fmt, hist, seen, trs, ctx, gen, 8, False, 0.0, None, weight)
+        # Past its candidates each list continues with the TRM's own order, without seen or candidate items.
+        for row, s, p in zip(ranked, seen, pool):
+            rest = [i for i in retriever.rank_base.argsort(descending=True).tolist() if i not in set(s) | set(p)]
+            assert row[len(p) :].tolist() == rest[: 8 - len(p)]
         return [t.answer for t in trs], pool
 
     llm, pool = answers(0.0)

@@ -237,6 +237,9 @@ class PopularRetriever:
         ids = np.asarray(ids, dtype=np.int64)
         return ids, np.where(ids >= 0, self.scores[ids.clip(0)].numpy(), -np.inf)
 
+    def score(self, histories, preferences=None):
+        return self.scores.repeat(len(histories), 1)
+
 
 def test_agent_mode_returns_items_and_the_transcript(tmp_path):
     from genrec.agent.config import AgentConfig

@@ -41,6 +41,7 @@ from genrec.agent.protocol import (
     item_names,
     parse_turn,
 )
+from genrec.agent.trm import top_items
 from genrec.decode.beam import score_candidates
 from genrec.decode.text import generate_until, left_pad
 
@@ -209,12 +210,12 @@ def rank_answers(
         scores = score_candidates(recommender.model, input_ids, attention_mask, cand_ids.to(recommender.device)).cpu()
     finally:
         recommender.model.train(was_training)
+    trm = retriever.score(list(histories)).float().cpu()  # (B, N), no preference: the ranking and the fill
     if trm_weight > 0:
         item_ids = torch.zeros(batch, width, dtype=torch.long)  # padding reads item 0; its score stays -inf
         for b, c in enumerate(cands):
             item_ids[b, : len(c)] = torch.as_tensor(c, dtype=torch.long)
-        trm = retriever.score(list(histories)).float().cpu().log_softmax(dim=-1)  # (B, N)
-        scores = scores + trm_weight * trm.gather(1, item_ids)
+        scores = scores + trm_weight * trm.log_softmax(dim=-1).gather(1, item_ids)
     order = scores.argsort(dim=1, descending=True, stable=True)  # (B, M)
     if sample_answer:
         for b, c in enumerate(cands):
@@ -224,9 +225,8 @@ def rank_answers(
                 first = int(torch.multinomial(probs.to(device), 1, generator=generator))
                 order[b] = torch.cat([order[b][order[b] == first], order[b][order[b] != first]])
     # The TRM without a preference continues each list past its candidates (excluding them and the seen items).
-    fill, _ = retriever.retrieve(
-        list(histories),
-        [None] * batch,
+    fill, _ = top_items(
+        trm,
         min(k, retriever.num_items),
         exclude=[np.concatenate([s, np.asarray(c, dtype=np.int64)]) for s, c in zip(seen, cands)],
     )

@@ -301,6 +301,22 @@ class PreferenceTRM(nn.Module):
 # --------------------------------------------------------------------------- what the agent calls
 
 
+def top_items(
+    scores: torch.Tensor, n: int, exclude: Sequence[np.ndarray] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-n item_ids (B, n) int64 and scores (B, n) float32 of logits (B, N), best first, ties by
+    item id; items in ``exclude[b]`` never, and id -1 with score -inf where fewer than n remain."""
+    from genrec.eval.evaluate import topk_from_scores
+
+    scores = scores.float().cpu().clone()  # (B, N)
+    for b, items in enumerate(exclude if exclude is not None else []):
+        scores[b, torch.from_numpy(np.array(items, dtype=np.int64))] = -torch.inf
+    ids = topk_from_scores(scores, [], n, exclude_seen=False)  # (B, n), ties by item id
+    top = scores.gather(1, torch.from_numpy(ids)).numpy()
+    ids[np.isneginf(top)] = -1
+    return ids, top.astype(np.float32)
+
+
 class Retriever:
     """The agent's tool: (histories, preferences) -> the TRM's top-n items, batched into one forward pass."""
 
@@ -380,21 +396,13 @@ class Retriever:
         Items in ``exclude[b]`` are never returned; where fewer than n items remain, the row ends
         in item id -1 with score -inf.
         """
-        from genrec.eval.evaluate import topk_from_scores
-
         if len(preferences) != len(histories):
             raise ValueError(f"{len(histories)} histories but {len(preferences)} preferences")
         if not 1 <= n <= self.num_items:
             raise ValueError(f"n must be in [1, {self.num_items}] (the catalogue size), got {n}")
         if exclude is not None and len(exclude) != len(histories):
             raise ValueError(f"{len(histories)} histories but {len(exclude)} exclude lists")
-        scores = self.score(histories, preferences).float().cpu()  # (B, N)
-        for b, items in enumerate(exclude if exclude is not None else []):
-            scores[b, torch.from_numpy(np.array(items, dtype=np.int64))] = -torch.inf
-        ids = topk_from_scores(scores, [], n, exclude_seen=False)  # (B, n), ties by item id
-        top = scores.gather(1, torch.from_numpy(ids)).numpy()
-        ids[np.isneginf(top)] = -1
-        return ids, top.astype(np.float32)
+        return top_items(self.score(histories, preferences), n, exclude)
 
     def item_vectors(self) -> torch.Tensor:
         """(N, H) L2-normalised TRM item representations."""
