@@ -124,7 +124,9 @@ def main() -> int:
     ap.add_argument("--datasets", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for every run")
+    ap.add_argument(
+        "--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help="config overrides for every run"
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "bench/out/deepinterest")
     ap.add_argument("--results", type=Path, default=ROOT / "bench/results/deepinterest.md")
     args = ap.parse_args()

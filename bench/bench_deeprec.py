@@ -1,6 +1,6 @@
 """DeepRec's agent mode against the TRM alone and against direct generation, over seeds.
 
-    python bench/bench_deeprec.py [--datasets ml-100k beauty] [--seeds 1 2 3] [key=value ...]
+    python bench/bench_deeprec.py [--datasets ml-100k beauty] [--seeds 1 2 3] [--set KEY=VALUE ...]
 
 Runs `configs/deeprec-<dataset>.yaml` (prepare, text, embed, sid, trm, agent_sft, agent_eval,
 agent_rl) once per seed into bench/out/deeprec/<dataset>/seed_<s>/, then writes
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -55,14 +56,16 @@ def main() -> int:
     ap.add_argument("--datasets", nargs="+", default=["ml-100k"], choices=list(CONFIGS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     ap.add_argument("--out", type=Path, default=ROOT / "bench/out/deeprec")
-    ap.add_argument("overrides", nargs="*", help="config overrides (key=value), applied to every dataset")
+    ap.add_argument(
+        "--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help="config overrides for every run"
+    )
     args = ap.parse_args()
 
     out = ROOT / "bench/results/deeprec.md"
     sections = {}
     for name in args.datasets:
         run_dir = args.out / name
-        cfg = load_config(ROOT / CONFIGS[name], [f"run_dir={run_dir}", *args.overrides])
+        cfg = load_config(ROOT / CONFIGS[name], [f"run_dir={run_dir}", *args.set])
         started = time.time()
         run_seeds(cfg, args.seeds)
         wall = time.time() - started
@@ -70,7 +73,7 @@ def main() -> int:
         summary = summarise(collect(run_dirs))
         stats = read_json(run_dirs[0] / "prepare/stats.json")
         command = " ".join(["python bench/bench_deeprec.py --datasets", name, "--seeds", *map(str, args.seeds)])
-        command += "".join(f" {o}" for o in args.overrides)
+        command += "".join(f" --set {shlex.quote(o)}" for o in args.set)
         sections[name] = (
             f"### {name}: {stats['users']:,} users, {stats['items']:,} items\n\n"
             f"Command: `{command}`; {platform.machine()}, {os.cpu_count()} CPU cores, "

@@ -2,7 +2,7 @@
 with an ablation over RL rewards.
 
     python bench/bench_generative.py [--datasets ml-100k beauty scientific] [--seeds 1 2 3] \
-        [--rewards rank exact rsvr ...] [KEY=VALUE ...]
+        [--rewards rank exact rsvr ...] [--set KEY=VALUE ...]
 
 Per dataset and seed, one run of `configs/<dataset>.yaml` with stages
 [prepare, popularity, sasrec, text, embed, sid, sft, eval, rl] into
@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shlex
 import shutil
 import sys
 import time
@@ -119,7 +120,9 @@ def main() -> int:
     ap.add_argument("--rewards", nargs="*", default=[], choices=list(REWARD_VARIANTS), help="RL reward variants")
     ap.add_argument("--base", type=Path, default=ROOT / "bench/out/baselines", help="the baselines' run directories")
     ap.add_argument("--out", type=Path, default=ROOT / "bench/out/generative")
-    ap.add_argument("overrides", nargs="*", help="config overrides (key=value) for every run")
+    ap.add_argument(
+        "--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help="config overrides for every run"
+    )
     args = ap.parse_args()
 
     results = ROOT / "bench/results/generative.md"
@@ -127,20 +130,20 @@ def main() -> int:
     for name in args.datasets:
         started = time.time()
         base_dir = args.base / name
-        cfg = load_config(ROOT / CONFIGS[name], [f"run_dir={base_dir}", STAGES, *args.overrides])
+        cfg = load_config(ROOT / CONFIGS[name], [f"run_dir={base_dir}", STAGES, *args.set])
         run_seeds(cfg, args.seeds)
         variant_dirs = {}
         for variant in args.rewards:
             vdir = args.out / name / f"rl-{variant}"
             for s in args.seeds:
                 copy_without_rl(base_dir / f"seed_{s}", vdir / f"seed_{s}")
-            overrides = [f"run_dir={vdir}", STAGES, *args.overrides, f"rl.rewards={REWARD_VARIANTS[variant]}"]
+            overrides = [f"run_dir={vdir}", STAGES, *args.set, f"rl.rewards={REWARD_VARIANTS[variant]}"]
             run_seeds(load_config(ROOT / CONFIGS[name], overrides), args.seeds)
             variant_dirs[variant] = vdir
         command = " ".join(["python bench/bench_generative.py --datasets", name, "--seeds", *map(str, args.seeds)])
         if args.rewards:
             command += " --rewards " + " ".join(args.rewards)
-        command += "".join(f" {o}" for o in args.overrides)
+        command += "".join(f" --set {shlex.quote(o)}" for o in args.set)
         sections[name] = dataset_section(name, base_dir, variant_dirs, args.seeds, command, time.time() - started)
     header = (
         "# The generative recommender: SFT and SFT+RL next to SASRec\n\n"
