@@ -21,12 +21,12 @@ CONFIGS = {"ml-100k": "configs/ml-100k.yaml", "beauty": "configs/beauty.yaml", "
 
 
 def previous_sections(path: Path, names=CONFIGS) -> dict[str, str]:
-    """The per-dataset sections (``### name: ...``) of an earlier results file, keyed by dataset name."""
+    """The per-dataset sections (``### name`` or ``### name: ...``) of an earlier results file, keyed by dataset name."""
     if not path.is_file():
         return {}
     sections = {}
     for chunk in path.read_text().split("\n### ")[1:]:
-        name = chunk.split(":", 1)[0].strip()
+        name = chunk.split("\n", 1)[0].split(":", 1)[0].strip()  # "### beauty: 22,363 users" or "### beauty"
         if name in names:
             sections[name] = "### " + chunk.rstrip("\n") + "\n"
     return sections

@@ -4,7 +4,8 @@
 
 Each variant is one `genrec multiseed`-style run (genrec.eval.aggregate.run_seeds) into
 bench/out/deepinterest/<dataset>/<variant>/seed_<s>/; the table, with the command and the
-machine, goes to bench/results/deepinterest.md. Rows (test split, mean ± std over seeds):
+machine, goes to bench/results/deepinterest.md (rerunning one dataset keeps the others'
+sections). Rows (test split, mean ± std over seeds):
 
 - DeepInterestGR (full): interests -> rldi -> IEID text -> SFT (seqrec + interest2sid) -> RL
   with {rank, interest, quality}; its "sft+rl" metrics;
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -48,8 +50,9 @@ DEEPINTEREST = [
     "rl.targets_per_user=3",
 ]
 FULL_STAGES = "stages=[prepare, popularity, sasrec, interests, rldi, text, embed, sid, sft, eval, rl]"
-PLAIN_STAGES = "stages=[prepare, text, embed, sid, sft, eval, rl]"
-INTEREST_STAGES = "stages=[prepare, interests, rldi, text, embed, sid, sft, eval, rl]"
+# The other variants' rows are their "sft+rl" metrics, so they skip the SFT model's test evaluation.
+PLAIN_STAGES = "stages=[prepare, text, embed, sid, sft, rl]"
+INTEREST_STAGES = "stages=[prepare, interests, rldi, text, embed, sid, sft, rl]"
 
 # variant -> overrides on top of the dataset's generative config.
 VARIANTS = {
@@ -70,10 +73,14 @@ ROWS = {
 }
 
 
-def variant_config(dataset: str, variant: str, out: Path, extra: list[str]):
+def variant_config(dataset: str, variant: str, out: Path, extra: list[str], sasrec: bool = True):
+    """The dataset's config with the variant's overrides, then ``extra``; without SASRec if ``sasrec`` is false."""
     from genrec.config import load_config
 
-    overrides = [f"run_dir={out / dataset / variant}", *VARIANTS[variant], *extra]
+    stages = list(VARIANTS[variant])
+    if not sasrec:
+        stages = [o.replace(" sasrec,", "") if o.startswith("stages=") else o for o in stages]
+    overrides = [f"run_dir={out / dataset / variant}", *stages, *extra]
     return load_config(ROOT / CONFIGS[dataset], overrides)
 
 
@@ -127,24 +134,35 @@ def main() -> int:
     ap.add_argument(
         "--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help="config overrides for every run"
     )
+    ap.add_argument(
+        "--no-sasrec",
+        action="store_true",
+        help="skip the SASRec row (bench/bench_baselines.py has it for every dataset): saves its training",
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "bench/out/deepinterest")
     ap.add_argument("--results", type=Path, default=ROOT / "bench/results/deepinterest.md")
     args = ap.parse_args()
 
-    sections = []
+    sections = {}
     for name in args.datasets:
         started = time.time()
         for variant in args.variants:
-            run_seeds(variant_config(name, variant, args.out, args.set), args.seeds)
-        command = f"python bench/bench_deepinterest.py --datasets {name} --seeds {' '.join(map(str, args.seeds))}"
-        sections.append(dataset_section(name, args.out / name, args.seeds, command, time.time() - started))
+            run_seeds(variant_config(name, variant, args.out, args.set, not args.no_sasrec), args.seeds)
+        command = " ".join(["python bench/bench_deepinterest.py --datasets", name, "--seeds", *map(str, args.seeds)])
+        if args.variants != list(VARIANTS):
+            command += " --variants " + " ".join(args.variants)
+        command += " --no-sasrec" * args.no_sasrec + "".join(f" --set {shlex.quote(o)}" for o in args.set)
+        sections[name] = dataset_section(name, args.out / name, args.seeds, command, time.time() - started)
     header = (
         "# DeepInterestGR ablation\n\n"
         "Test split, leave-one-out, full ranking, seen items excluded, mean ± std over the seeds, offline "
         "miner (`offline-metadata`: interests restate the catalogue, no LLM). Rows are explained in "
         "bench/bench_deepinterest.py and docs/interests.md.\n\n"
     )
-    atomic_write_text(args.results, header + "\n".join(sections))
+    # Read the other datasets' sections only now, so that a benchmark of another dataset that
+    # finished meanwhile is kept.
+    sections = {**bench_baselines.previous_sections(args.results, CONFIGS), **sections}
+    atomic_write_text(args.results, header + "\n".join(sections[n] for n in CONFIGS if n in sections))
     print(args.results.read_text())
     return 0
 

@@ -118,6 +118,18 @@ def test_bench_rows_come_from_the_right_variant_and_model(tmp_path):
     assert "heldout_auc 0.6100 ± 0.0141" in section and "without RLDI" not in section
 
 
+def test_bench_keeps_the_other_datasets_sections(tmp_path):
+    """Results files whose headings are ``### name`` alone or ``### name: stats`` both split by dataset."""
+    baselines = load_bench("bench_baselines")
+    results = tmp_path / "r.md"
+    results.write_text("# T\n\n### ml-100k\n\nCommand: `a`; x.\n\n| t |\n\n### beauty: 22 users\n\nCommand: b.\n")
+    got = baselines.previous_sections(results, {"ml-100k": "", "beauty": ""})
+    assert got == {
+        "ml-100k": "### ml-100k\n\nCommand: `a`; x.\n\n| t |\n",
+        "beauty": "### beauty: 22 users\n\nCommand: b.\n",
+    }
+
+
 def test_bench_variants_load_for_both_datasets(tmp_path):
     bench = load_bench("bench_deepinterest")
     for dataset in bench.CONFIGS:
@@ -128,6 +140,8 @@ def test_bench_variants_load_for_both_datasets(tmp_path):
             assert ("rldi" in cfg.stages) == uses_interests
             assert (cfg.sft.tasks.get("interest2sid", 0) > 0) == uses_interests
     assert bench.variant_config("ml-100k", "no-rldi", tmp_path, []).rldi.curate is False
+    no_sasrec = bench.variant_config("beauty", "full", tmp_path, [], sasrec=False)
+    assert "sasrec" not in no_sasrec.stages and {"popularity", "rldi", "eval", "rl"} <= set(no_sasrec.stages)
     # The shipped DeepInterestGR config is the benchmark's full variant.
     full = bench.variant_config("ml-100k", "full", tmp_path, [f"run_dir={tmp_path / 'r'}"])
     shipped = load_config(ROOT / "configs" / "deepinterest-ml-100k.yaml", [f"run_dir={tmp_path / 'r'}"])
