@@ -8,6 +8,8 @@ by teacher forcing and the exact top-K known.
 from __future__ import annotations
 
 import copy
+import warnings
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -194,6 +196,35 @@ def test_llama_eager_and_peft_models_match_brute_force(wrap):
     top_scores, top_items = exact.topk(100, dim=1)
     assert out.items.tolist() == top_items.tolist()
     torch.testing.assert_close(out.scores, top_scores, atol=1e-4, rtol=0)
+
+
+def test_the_kv_cache_goes_by_the_argument_name_of_the_models_forward():
+    """transformers 5.x calls it ``cache`` (``past_key_values`` warns, then goes); older ones ``past_key_values``."""
+    import inspect
+
+    from genrec.model.backbone import cache_kwargs, output_cache
+
+    model, codes = make_model(), make_codes()
+    expected = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    assert list(cache_kwargs(model, None)) == [expected]
+
+    class Older(torch.nn.Module):
+        def forward(self, input_ids=None, past_key_values=None, use_cache=None):
+            return SimpleNamespace(past_key_values=past_key_values)
+
+    class Wrapped(torch.nn.Module):  # DDP keeps the model as .module
+        def __init__(self):
+            super().__init__()
+            self.module = Older()
+
+    assert cache_kwargs(Wrapped(), "kv") == {"past_key_values": "kv"}
+    assert output_cache(SimpleNamespace(past_key_values="kv")) == "kv"
+    assert output_cache(SimpleNamespace(cache="kv2", past_key_values=None)) == "kv2"
+    input_ids, attention_mask = make_prompts()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # a deprecated argument name would raise here
+        out = constrained_beam_search(model, input_ids, attention_mask, make_trie(codes), OFFSETS, num_beams=8)
+    assert (out.items >= 0).all()
 
 
 def test_fewer_items_than_requested_pads_with_minus_one():

@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from genrec.model.backbone import cache_kwargs, output_cache
+
 if TYPE_CHECKING:
     from genrec.sid.trie import SIDTrie
 
@@ -182,7 +184,7 @@ class _PromptTree:
             logits_to_keep=1,
         )
         self.prompt_logits = out.logits[:, -1, :].float()  # (B, V)
-        self.cache = out.past_key_values
+        self.cache = output_cache(out)
         if any(self.cache.is_sliding):
             raise ValueError(
                 "constrained decoding does not support sliding-window attention layers (its custom attention "
@@ -213,7 +215,7 @@ class _PromptTree:
             input_ids=tokens,
             attention_mask=mask.unsqueeze(1),  # (B, 1, R, T + (u+1) R)
             position_ids=(self.next_position + steps).unsqueeze(1).expand(-1, repeats),  # (B, R)
-            past_key_values=self.cache,
+            **cache_kwargs(self.model, self.cache),
             use_cache=True,
         )
         return out.logits.float().reshape(batch_size * repeats, -1)

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from genrec.model.backbone import cache_kwargs, output_cache
+
 
 @dataclass
 class Generated:
@@ -85,7 +87,7 @@ def generate_until(
             input_ids=token[:, None],
             attention_mask=attention_mask,
             position_ids=next_pos[:, None],
-            past_key_values=out.past_key_values,
+            **cache_kwargs(model, output_cache(out)),
             use_cache=True,
         )
         next_pos = next_pos + 1

@@ -18,6 +18,8 @@ keep theirs.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,3 +189,30 @@ def add_residual_dropout(model, p: float) -> list:
 def count_parameters(model) -> dict[str, int]:
     params = {id(p): p for p in model.parameters()}.values()  # tied weights once
     return {"total": sum(p.numel() for p in params), "trainable": sum(p.numel() for p in params if p.requires_grad)}
+
+
+def cache_kwargs(model, cache) -> dict:
+    """``{name: cache}`` that feeds a KV cache to ``model``'s forward under this transformers version.
+
+    transformers 5.x renamed the forward argument ``past_key_values`` to ``cache`` (the old name
+    warns on every call and goes in 5.40); older releases know only ``past_key_values``. The
+    model's own signature decides, through PEFT and DDP wrappers.
+    """
+    return {_cache_argument(type(unwrap_model(model))): cache}
+
+
+def output_cache(out):
+    """The KV cache a forward with ``use_cache=True`` returned (``cache`` or, before 5.x, ``past_key_values``)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+def unwrap_model(model):
+    """The transformers model inside DDP (``.module``) and PEFT (``get_base_model()``) wrappers."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+@functools.cache
+def _cache_argument(model_class: type) -> str:
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"

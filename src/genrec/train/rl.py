@@ -37,6 +37,7 @@ import numpy as np
 from genrec.config import RunConfig
 from genrec.data.dataset import Dataset, Examples
 from genrec.io import atomic_write_text, write_json
+from genrec.model.backbone import cache_kwargs, output_cache
 from genrec.train.advantages import compute_advantages, informative_groups
 from genrec.train.rewards import REWARD_INPUTS, REWARDS, RewardFn, check_reward_names, combine_rewards
 
@@ -96,14 +97,14 @@ def completion_log_probs(model, input_ids, attention_mask, token_ids):
     logits = out.logits[:, -1:].float().repeat_interleave(g, dim=0)  # (B*G, 1, V): predicts token 0
     flat = token_ids.reshape(b * g, num_tokens)  # row b * G + j is completion j of prompt b
     if num_tokens > 1:
-        cache = out.past_key_values
+        cache = output_cache(out)
         cache.batch_repeat_interleave(g)
         mask = attention_mask.repeat_interleave(g, dim=0)  # (B*G, T)
         mask = torch.cat([mask, mask.new_ones(b * g, num_tokens - 1)], dim=1)  # (B*G, T + L - 1)
         steps = torch.arange(1, num_tokens, device=positions.device)  # (L - 1,)
         rest_positions = (positions[:, -1:] + steps).repeat_interleave(g, dim=0)  # (B*G, L - 1)
         rest = model(
-            input_ids=flat[:, :-1], attention_mask=mask, position_ids=rest_positions, past_key_values=cache
+            input_ids=flat[:, :-1], attention_mask=mask, position_ids=rest_positions, **cache_kwargs(model, cache)
         ).logits.float()  # (B*G, L - 1, V): predict tokens 1 .. L-1
         logits = torch.cat([logits, rest], dim=1)  # (B*G, L, V)
     picked = logits.gather(2, flat.unsqueeze(-1)).squeeze(-1)  # (B*G, L)
