@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from genrec.config import ConfigError, RunConfig, config_hash
 from genrec.data.dataset import Dataset, Examples
 from genrec.io import atomic_write_text, read_json, write_json
+from genrec.model.backbone import unwrap_model
 
 log = logging.getLogger("genrec")
 
@@ -54,7 +55,7 @@ class NextTokenLoss(torch.nn.Module):
         self.lm = lm
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        base = self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
+        base = unwrap_model(self.lm)
         hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
         target = labels[:, 1:]  # (B, T-1): position p predicts token p + 1
         keep = target != -100
