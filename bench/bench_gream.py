@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 import bench_baselines  # noqa: E402
 
-CONFIGS = {"ml-100k": "configs/gream-ml-100k.yaml"}
+CONFIGS = {"ml-100k": "configs/gream-ml-100k.yaml", "beauty": "configs/gream-beauty.yaml"}
 SFT_STAGES = "stages=[prepare, text, embed, sid, gream_sft, gream_eval]"
 VARIANTS = ("full", "align", "no-curriculum")
 # Table row -> (variant run, model of genrec.eval.aggregate.METRIC_DIRS).

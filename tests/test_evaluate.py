@@ -1,7 +1,9 @@
 import numpy as np
 import pandas as pd
+import pytest
 
 from genrec.config import EvalConfig
+from genrec.errors import ConfigError
 from genrec.eval.evaluate import evaluate, filter_ranked, topk_from_scores
 from genrec.eval.metrics import compute_metrics, target_ranks
 
@@ -54,3 +56,20 @@ def test_an_oracle_ranker_scores_one(tiny_dataset, tmp_path):
 
     res = evaluate(oracle, tiny_dataset, EvalConfig(bootstrap=0), tmp_path, splits=("test",))
     assert res["test"]["hr@1"] == 1.0 and res["test"]["ndcg@1"] == 1.0
+
+
+def test_eval_splits_config_chooses_the_ranked_splits(tiny_dataset, tmp_path):
+    calls = []
+
+    def ranker(histories):
+        calls.append(len(histories))
+        return np.zeros((len(histories), tiny_dataset.num_items), dtype=np.float32)
+
+    res = evaluate(ranker, tiny_dataset, EvalConfig(bootstrap=0, splits=["test"]), tmp_path)
+    assert "test" in res and "valid" not in res
+    assert set(pd.read_parquet(tmp_path / "predictions.parquet").split) == {"test"}
+    assert sum(calls) == len(tiny_dataset.examples("test"))
+    # the given order never matters; an unknown split is a config error naming the field
+    assert EvalConfig(splits=["test", "valid"]).splits == ["valid", "test"]
+    with pytest.raises(ConfigError, match="eval.splits"):
+        EvalConfig(splits=["train"])

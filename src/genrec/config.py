@@ -82,10 +82,18 @@ class EvalConfig:
     bootstrap: int = 1000
     # Users scored per batch.
     batch_size: int = 256
+    # Held-out splits that the final evaluations rank (validation during training always uses
+    # valid). ["test"] halves the cost of a slow mode on a large dataset when only test is reported.
+    splits: list[str] = field(default_factory=lambda: ["valid", "test"])
 
     def __post_init__(self) -> None:
         _check(len(self.ks) > 0 and all(k >= 1 for k in self.ks), f"eval.ks must be positive integers, got {self.ks}")
         self.ks = sorted(set(self.ks))
+        _check(
+            len(self.splits) > 0 and all(s in ("valid", "test") for s in self.splits),
+            f"eval.splits must be a non-empty list of valid and test, got {self.splits}",
+        )
+        self.splits = [s for s in ("valid", "test") if s in self.splits]
 
 
 @dataclass

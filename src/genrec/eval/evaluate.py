@@ -93,11 +93,12 @@ def evaluate(
     dataset: Dataset,
     cfg: EvalConfig,
     out_dir: str | Path,
-    splits: Sequence[str] = ("valid", "test"),
+    splits: Sequence[str] | None = None,
     seed: int = 0,
     model_name: str = "",
 ) -> dict:
-    """Rank every held-out target of ``splits``, write predictions and metrics, return the metrics."""
+    """Rank every held-out target of ``splits`` (default ``cfg.splits``), write predictions and metrics, return the metrics."""
+    splits = cfg.splits if splits is None else splits
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     frames, result = [], {"model": model_name, "eval": asdict(cfg)}

@@ -91,7 +91,7 @@ def run_sft(ctx) -> dict:
 
 
 def evaluate_modes(
-    cfg: RunConfig, dataset: Dataset, recommender, out_dir: Path, name: str, modes=MODES, splits=("valid", "test")
+    cfg: RunConfig, dataset: Dataset, recommender, out_dir: Path, name: str, modes=MODES, splits=None
 ) -> dict:
     """Evaluate ``recommender`` in each mode into ``out_dir/<mode>/`` through the common harness."""
     from dataclasses import replace
