@@ -12,12 +12,25 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"ml-100k": "configs/ml-100k.yaml", "beauty": "configs/beauty.yaml", "scientific": "configs/scientific.yaml"}
+
+
+def add_set_option(ap: argparse.ArgumentParser) -> None:
+    """The benches' repeatable ``--set KEY=VALUE`` (config overrides for every run of the benchmark)."""
+    ap.add_argument(
+        "--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help="config overrides for every run"
+    )
+
+
+def set_flags(overrides: list[str]) -> str:
+    """``overrides`` as the shell-quoted ``--set`` flags of a recorded, runnable command."""
+    return "".join(f" --set {shlex.quote(o)}" for o in overrides)
 
 
 def previous_sections(path: Path, names=CONFIGS) -> dict[str, str]:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -131,9 +130,7 @@ def main() -> int:
     ap.add_argument("--datasets", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    ap.add_argument(
-        "--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help="config overrides for every run"
-    )
+    bench_baselines.add_set_option(ap)
     ap.add_argument(
         "--no-sasrec",
         action="store_true",
@@ -151,7 +148,7 @@ def main() -> int:
         command = " ".join(["python bench/bench_deepinterest.py --datasets", name, "--seeds", *map(str, args.seeds)])
         if args.variants != list(VARIANTS):
             command += " --variants " + " ".join(args.variants)
-        command += " --no-sasrec" * args.no_sasrec + "".join(f" --set {shlex.quote(o)}" for o in args.set)
+        command += " --no-sasrec" * args.no_sasrec + bench_baselines.set_flags(args.set)
         sections[name] = dataset_section(name, args.out / name, args.seeds, command, time.time() - started)
     header = (
         "# DeepInterestGR ablation\n\n"

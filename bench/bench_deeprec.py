@@ -15,12 +15,14 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import shlex
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_baselines  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"ml-100k": "configs/deeprec-ml-100k.yaml", "beauty": "configs/deeprec-beauty.yaml"}
@@ -56,9 +58,7 @@ def main() -> int:
     ap.add_argument("--datasets", nargs="+", default=["ml-100k"], choices=list(CONFIGS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     ap.add_argument("--out", type=Path, default=ROOT / "bench/out/deeprec")
-    ap.add_argument(
-        "--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help="config overrides for every run"
-    )
+    bench_baselines.add_set_option(ap)
     args = ap.parse_args()
 
     out = ROOT / "bench/results/deeprec.md"
@@ -73,7 +73,7 @@ def main() -> int:
         summary = summarise(collect(run_dirs))
         stats = read_json(run_dirs[0] / "prepare/stats.json")
         command = " ".join(["python bench/bench_deeprec.py --datasets", name, "--seeds", *map(str, args.seeds)])
-        command += "".join(f" --set {shlex.quote(o)}" for o in args.set)
+        command += bench_baselines.set_flags(args.set)
         sections[name] = (
             f"### {name}: {stats['users']:,} users, {stats['items']:,} items\n\n"
             f"Command: `{command}`; {platform.machine()}, {os.cpu_count()} CPU cores, "

@@ -26,13 +26,15 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import shlex
 import shutil
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_baselines  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"ml-100k": "configs/ml-100k.yaml", "beauty": "configs/beauty.yaml", "scientific": "configs/scientific.yaml"}
@@ -123,9 +125,7 @@ def main() -> int:
     ap.add_argument("--rewards", nargs="*", default=[], choices=list(REWARD_VARIANTS), help="RL reward variants")
     ap.add_argument("--base", type=Path, default=ROOT / "bench/out/baselines", help="the baselines' run directories")
     ap.add_argument("--out", type=Path, default=ROOT / "bench/out/generative")
-    ap.add_argument(
-        "--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help="config overrides for every run"
-    )
+    bench_baselines.add_set_option(ap)
     args = ap.parse_args()
 
     results = ROOT / "bench/results/generative.md"
@@ -146,7 +146,7 @@ def main() -> int:
         command = " ".join(["python bench/bench_generative.py --datasets", name, "--seeds", *map(str, args.seeds)])
         if args.rewards:
             command += " --rewards " + " ".join(args.rewards)
-        command += "".join(f" --set {shlex.quote(o)}" for o in args.set)
+        command += bench_baselines.set_flags(args.set)
         sections[name] = dataset_section(name, base_dir, variant_dirs, args.seeds, command, time.time() - started)
     header = (
         "# The generative recommender: SFT and SFT+RL next to SASRec\n\n"

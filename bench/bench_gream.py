@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -158,9 +157,7 @@ def main() -> int:
     ap.add_argument("--datasets", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    ap.add_argument(
-        "--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE", help="config overrides for every run"
-    )
+    bench_baselines.add_set_option(ap)
     ap.add_argument("--out", type=Path, default=ROOT / "bench/out/gream")
     args = ap.parse_args()
 
@@ -173,7 +170,7 @@ def main() -> int:
                 cfg = variant_config(name, variant, args.out, args.set)
                 run_pipeline(_seeded(cfg, seed))
         command = f"python bench/bench_gream.py --datasets {name} --seeds {' '.join(map(str, args.seeds))}"
-        command += "".join(f" --set {shlex.quote(o)}" for o in args.set)
+        command += bench_baselines.set_flags(args.set)
         sections[name] = dataset_section(name, args.out / name, args.seeds, command, time.time() - started)
     header = (
         "# GREAM: direct and reasoning mode, with and without the curriculum and SRPO\n\n"

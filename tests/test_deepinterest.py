@@ -130,6 +130,19 @@ def test_bench_keeps_the_other_datasets_sections(tmp_path):
     }
 
 
+def test_bench_set_flags_record_a_runnable_command():
+    """The recorded ``--set`` flags parse back, through the shell and the benches' parser, to the same overrides."""
+    import argparse
+    import shlex
+
+    baselines = load_bench("bench_baselines")
+    overrides = ["stages=[prepare, text]", "sft.tasks={seqrec: 1.0}", "rl.lr=1e-4"]
+    ap = argparse.ArgumentParser()
+    baselines.add_set_option(ap)
+    assert ap.parse_args(shlex.split(baselines.set_flags(overrides))).set == overrides
+    assert ap.parse_args(["--set", "a=1", "b=2", "--set", "c=3"]).set == ["a=1", "b=2", "c=3"]
+
+
 def test_bench_variants_load_for_both_datasets(tmp_path):
     bench = load_bench("bench_deepinterest")
     for dataset in bench.CONFIGS:
