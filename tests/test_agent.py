@@ -296,6 +296,24 @@ def test_agent_mode_trains_answers_with_items_and_survives_malformed_output(tmp_
     assert "reward_outcome" in rows[0] and "reward_calls" in rows[0]
     if summary["best_step"] > 0:
         assert any(not torch.equal(before[n], p) for n, p in rec.model.named_parameters())
+    # Stopped after step 1 (the stage-1 step) and resumed, it takes the same stage-2 step as a straight run.
+    # (This tiny agent never calls the tool, so its updates are zero: that the optimiser state
+    # resumes is tested on the shared genrec.train.rl_run.RLRun through train_rl in test_rl.py.)
+    from dataclasses import replace
+
+    def sft_model():
+        return GenerativeRecommender.load(tmp_path / "sft" / "model", device="cpu")
+
+    one = replace(rl_cfg, agent=replace(rl_cfg.agent, stage2_steps=0))
+    train_agent_rl(one, dataset, sft_model(), retriever, tmp_path / "a", tmp_path / "aw")
+    resumed = train_agent_rl(rl_cfg, dataset, sft_model(), retriever, tmp_path / "a", tmp_path / "aw")
+    straight = train_agent_rl(rl_cfg, dataset, sft_model(), retriever, tmp_path / "b", tmp_path / "bw")
+    curves = [pd.read_json(tmp_path / d / "curves.jsonl", lines=True).drop(columns="seconds") for d in "ab"]
+    assert resumed["steps"] == 2 and curves[0]["stage"].dropna().tolist() == [1.0, 2.0]
+    pd.testing.assert_frame_equal(curves[0], curves[1])
+    assert {k: v for k, v in resumed.items() if k != "train_seconds"} == {
+        k: v for k, v in straight.items() if k != "train_seconds"
+    }
 
 
 def test_agent_config_errors_name_the_key():

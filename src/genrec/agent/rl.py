@@ -22,9 +22,7 @@ fixed sample of valid users and the best weights are kept. Resumable from ``work
 
 from __future__ import annotations
 
-import json
 import logging
-import time
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +31,6 @@ import torch
 from genrec.agent.loop import AgentFormat, run_agent
 from genrec.agent.rewards import combine, group_baseline_advantages
 from genrec.data.dataset import Dataset
-from genrec.io import atomic_write_text, write_json
 
 log = logging.getLogger("genrec")
 
@@ -75,15 +72,8 @@ def train_agent_rl(cfg, dataset: Dataset, recommender, retriever, out_dir: Path,
 
     from genrec.eval.evaluate import rank_examples
     from genrec.eval.metrics import ndcg_at_k, target_ranks
-    from genrec.train.rl import (
-        _read_curves,
-        _rng_state,
-        _save_torch,
-        _set_rng_state,
-        plot_curves,
-        sample_examples,
-        training_prompts,
-    )
+    from genrec.train.rl import sample_examples, training_prompts
+    from genrec.train.rl_run import RLRun
 
     a = cfg.agent
     model, fmt = recommender.model, recommender.fmt
@@ -110,10 +100,6 @@ def train_agent_rl(cfg, dataset: Dataset, recommender, retriever, out_dir: Path,
     valid = sample_examples(dataset.examples("valid"), a.eval_users, cfg.seed)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=a.lr, weight_decay=0.0)
     total_steps = a.stage1_steps + a.stage2_steps
-    work_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path, curves_path = work_dir / "checkpoint.pt", work_dir / "curves.jsonl"
-    state = {"step": 0, "best": -1.0, "best_step": 0, "seconds": 0.0}
-    best = None
     k = max(cfg.eval.ks)
 
     def valid_ndcg() -> float:
@@ -126,23 +112,10 @@ def train_agent_rl(cfg, dataset: Dataset, recommender, retriever, out_dir: Path,
         ranked = rank_examples(ranker, valid, eval_cfg, dataset.num_items, desc="agent rl valid")
         return ndcg_at_k(target_ranks(ranked, valid.targets), 10)
 
-    if ckpt_path.is_file():
-        blob = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        model.load_state_dict(blob["model"])
-        opt.load_state_dict(blob["opt"])
-        state, best = blob["state"], blob["best"]
-        _set_rng_state(blob["rng"])
-        log.info("agent rl: resumed at step %d", state["step"])
-    rows = _read_curves(curves_path, state["step"])
-    if state["step"] == 0:
-        score = valid_ndcg()
-        state.update(best=score, best_step=0)
-        best = {n: p.detach().clone() for n, p in model.state_dict().items()}
-        rows = [{"step": 0, "valid_ndcg@10": score}]
-    started = time.time() - state["seconds"]
-    bar = tqdm(total=total_steps, initial=state["step"], desc="agent rl", unit="step")
-    while state["step"] < total_steps:
-        step = state["step"]
+    run = RLRun("agent rl", model, opt, work_dir, valid_ndcg, curves_name="curves.jsonl")
+    bar = tqdm(total=total_steps, initial=run.step, desc="agent rl", unit="step")
+    while run.step < total_steps:
+        step = run.step  # 0-based here: the stage switch and the batch seeds count from 0
         stage = 1 if step < a.stage1_steps else 2
         weights = a.stage1_rewards if stage == 1 else a.stage2_rewards
         rng = np.random.default_rng([cfg.seed, step])
@@ -171,11 +144,10 @@ def train_agent_rl(cfg, dataset: Dataset, recommender, retriever, out_dir: Path,
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.rl.grad_clip)
         opt.step()
-        state["step"] = step + 1
         row = {
             "step": step + 1,
             "stage": stage,
-            "loss": float(loss),
+            "loss": float(loss.detach()),
             "reward": float(total.mean()),
             **{f"reward_{n}": float(v.mean()) for n, v in parts.items()},
             "hit_rate": float((cols["target_rank"] == 0).mean()),
@@ -184,38 +156,13 @@ def train_agent_rl(cfg, dataset: Dataset, recommender, retriever, out_dir: Path,
             "well_formed": float(cols["well_formed"].mean()),
             "llm_tokens": tokens,
         }
-        if state["step"] % a.eval_every == 0 or state["step"] == total_steps:
-            score = valid_ndcg()
-            row["valid_ndcg@10"] = score
-            if score > state["best"]:
-                state.update(best=score, best_step=state["step"])
-                best = {n: p.detach().clone() for n, p in model.state_dict().items()}
-        rows.append(row)
-        state["seconds"] = time.time() - started
-        atomic_write_text(curves_path, "".join(json.dumps(r) + "\n" for r in rows))
-        _save_torch(
-            {"model": model.state_dict(), "opt": opt.state_dict(), "state": state, "best": best, "rng": _rng_state()},
-            ckpt_path,
-        )
+        over_budget = run.over_budget(a.max_minutes)
+        last = step + 1 == total_steps or over_budget
+        run.end_step(row, evaluate=(step + 1) % a.eval_every == 0 or last, save=True)
         bar.update(1)
         bar.set_postfix(stage=stage, reward=f"{row['reward']:.3f}", calls=f"{row['calls']:.2f}")
-        if a.max_minutes and state["seconds"] > 60 * a.max_minutes:
-            log.info("agent rl: stopping at the %.1f-minute budget after %d steps", a.max_minutes, state["step"])
+        if over_budget:
+            log.info("agent rl: stopping at the %.1f-minute budget after %d steps", a.max_minutes, run.step)
             break
     bar.close()
-    model.load_state_dict(best)
-    model.eval()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    recommender.save(out_dir / "model")
-    atomic_write_text(out_dir / "curves.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    plot_curves(rows, out_dir / "curves.png")
-    summary = {
-        "steps": state["step"],
-        "best_step": state["best_step"],
-        "best_valid_ndcg@10": state["best"],
-        "prompts": len(prompts),
-        "prompts_kept": int(len(keep)),
-        "train_seconds": round(state["seconds"], 1),
-    }
-    write_json(out_dir / "rl_summary.json", summary)
-    return summary
+    return run.finish(recommender, out_dir, prompts=len(prompts), prompts_kept=int(len(keep)))

@@ -23,10 +23,7 @@ killed run resumes from the last one. Outputs: ``model/`` (``GenerativeRecommend
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,10 +33,10 @@ import numpy as np
 
 from genrec.config import RunConfig
 from genrec.data.dataset import Dataset, Examples
-from genrec.io import atomic_write_text, write_json
 from genrec.model.backbone import cache_kwargs, output_cache
 from genrec.train.advantages import compute_advantages, informative_groups
 from genrec.train.rewards import REWARD_INPUTS, REWARDS, RewardFn, check_reward_names, combine_rewards
+from genrec.train.rl_run import RLRun
 
 log = logging.getLogger("genrec")
 
@@ -209,74 +206,6 @@ def sample_examples(examples: Examples, num: int, seed: int) -> Examples:
     )
 
 
-def _save_torch(obj: Any, path: Path) -> None:
-    """torch.save through a temporary file and one rename, so a kill leaves the old file or the new."""
-    import torch
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _rng_state() -> dict:
-    import torch
-
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    import torch
-
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _read_curves(path: Path, upto_step: int) -> list[dict]:
-    """Rows of a curves file up to and including ``upto_step`` (a resumed run drops later rows)."""
-    if not path.is_file():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if r["step"] <= upto_step]
-
-
-def plot_curves(rows: list[dict], path: Path) -> None:
-    """Rewards, rollout hit rate, KL, clip fraction, loss and valid NDCG@10 against the step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [r["step"] for r in rows if "loss" in r]
-    panels = [
-        ("reward", [k for k in (rows[-1] if rows else {}) if k.startswith("reward")]),
-        ("rollout hit rate", ["hit_rate"]),
-        ("KL to reference (k3)", ["kl"]),
-        ("clip fraction", ["clip_frac"]),
-        ("loss", ["loss"]),
-    ]
-    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
-    for ax, (title, keys) in zip(axes.flat, panels):
-        for key in keys:
-            ax.plot(steps, [r.get(key, float("nan")) for r in rows if "loss" in r], label=key, lw=1)
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        if len(keys) > 1:
-            ax.legend(fontsize=7)
-    evals = [r for r in rows if "valid_ndcg@10" in r]
-    ax = axes.flat[5]
-    ax.plot([r["step"] for r in evals], [r["valid_ndcg@10"] for r in evals], marker="o")
-    ax.set_title("valid NDCG@10")
-    ax.set_xlabel("step")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def policy_update(model, reference, opt, rl, input_ids, attention_mask, token_ids, advantages, offsets) -> dict:
     """``rl.updates_per_rollout`` optimiser steps on K groups; the logged statistics of the last.
 
@@ -381,51 +310,12 @@ def train_rl(
     offsets = torch.as_tensor(list(recommender.vocab.offsets), device=device)  # (L,)
     log.info("rl: %d training prompts, %d valid users for model selection", len(prompts), len(valid))
 
-    ckpt_path, best_path, curves_path = (
-        work_dir / "checkpoint.pt",
-        work_dir / "best_model.pt",
-        work_dir / "rl_curves.jsonl",
-    )
-    state = {"step": 0, "best": -1.0, "best_step": -1, "seconds": 0.0, "sft_valid_ndcg@10": None}
-    if ckpt_path.is_file():
-        blob = torch.load(ckpt_path, map_location=device, weights_only=False)
-        model.load_state_dict(blob["model"])
-        opt.load_state_dict(blob["opt"])
-        state = blob["state"]
-        _set_rng_state(blob["rng"])
-        log.info("rl: resumed from step %d", state["step"])
-    rows = _read_curves(curves_path, state["step"])
-    atomic_write_text(curves_path, "".join(json.dumps(r) + "\n" for r in rows))
-
-    def log_row(row: dict) -> None:
-        rows.append(row)
-        with open(curves_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-
-    def evaluate_and_keep(step: int) -> float:
-        ndcg = evaluate_valid(recommender, valid, cfg)
-        model.eval()
-        if state["sft_valid_ndcg@10"] is None:
-            state["sft_valid_ndcg@10"] = ndcg
-        if ndcg > state["best"]:
-            state.update(best=ndcg, best_step=step)
-            _save_torch(model.state_dict(), best_path)
-        return ndcg
-
-    def checkpoint() -> None:
-        _save_torch(
-            {"model": model.state_dict(), "opt": opt.state_dict(), "state": state, "rng": _rng_state()}, ckpt_path
-        )
-
-    started = time.time() - state["seconds"]
-    if state["step"] == 0 and state["sft_valid_ndcg@10"] is None:
-        log_row({"step": 0, "valid_ndcg@10": evaluate_and_keep(0)})
-        checkpoint()
+    run = RLRun("rl", model, opt, work_dir, lambda: evaluate_valid(recommender, valid, cfg))
 
     per_epoch = max(1, len(prompts) // rl.batch_size)
-    bar = tqdm(total=rl.steps, initial=state["step"], desc="rl", unit="step")
-    while state["step"] < rl.steps:
-        step = state["step"] + 1
+    bar = tqdm(total=rl.steps, initial=run.step, desc="rl", unit="step")
+    while run.step < rl.steps:
+        step = run.step + 1
         epoch, pos = divmod(step - 1, per_epoch)
         # The prompt order depends on (seed, epoch) only, so a resumed run sees the same batches.
         perm = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
@@ -466,36 +356,16 @@ def train_rl(
         else:  # no informative group: nothing to learn from this batch
             row.update(loss=0.0, kl=0.0, clip_frac=0.0, ratio=1.0, grad_norm=0.0)
 
-        state["step"] = step
-        over_budget = rl.max_minutes > 0 and time.time() - started > 60 * rl.max_minutes
-        if step % rl.eval_every == 0 or step == rl.steps or over_budget:
-            row["valid_ndcg@10"] = evaluate_and_keep(step)
-        state["seconds"] = time.time() - started
-        row["seconds"] = round(state["seconds"], 2)
-        log_row(row)
-        if step % rl.save_every == 0 or step == rl.steps or over_budget:
-            checkpoint()
+        over_budget = run.over_budget(rl.max_minutes)
+        last = step == rl.steps or over_budget
+        run.end_step(row, evaluate=step % rl.eval_every == 0 or last, save=step % rl.save_every == 0 or last)
         bar.update(1)
-        bar.set_postfix(reward=f"{row['reward']:.3f}", hit=f"{row['hit_rate']:.2f}", best=f"{state['best']:.4f}")
+        bar.set_postfix(reward=f"{row['reward']:.3f}", hit=f"{row['hit_rate']:.2f}", best=f"{run.best:.4f}")
         if over_budget:
             log.info("rl: stopping at the %.1f-minute budget after step %d", rl.max_minutes, step)
             break
     bar.close()
-
-    model.load_state_dict(torch.load(best_path, map_location=device, weights_only=True))
-    model.eval()
-    recommender.save(out_dir / "model")
-    atomic_write_text(out_dir / "rl_curves.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    plot_curves(rows, out_dir / "rl_curves.png")
-    summary = {
-        "sft_valid_ndcg@10": state["sft_valid_ndcg@10"],
-        "best_valid_ndcg@10": state["best"],
-        "best_step": state["best_step"],
-        "steps": state["step"],
-        "train_seconds": round(state["seconds"], 1),
-    }
-    write_json(out_dir / "rl_summary.json", summary)
-    return summary
+    return run.finish(recommender, out_dir)
 
 
 def stage_columns(ctx) -> dict[str, Column]:

@@ -32,9 +32,7 @@ resumes there.
 from __future__ import annotations
 
 import copy
-import json
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +40,6 @@ import numpy as np
 import torch
 
 from genrec.data.dataset import Dataset
-from genrec.io import atomic_write_text, write_json
 
 log = logging.getLogger("genrec")
 
@@ -113,16 +110,8 @@ def train_reasoning_srpo(cfg, dataset: Dataset, recommender, out_dir: Path, work
     from genrec.train.advantages import compute_advantages, informative_groups
     from genrec.train.losses import policy_loss
     from genrec.train.rewards import REWARDS, check_reward_names, combine_rewards
-    from genrec.train.rl import (
-        _read_curves,
-        _rng_state,
-        _save_torch,
-        _set_rng_state,
-        plot_curves,
-        sample_examples,
-        sequence_log_probs,
-        training_prompts,
-    )
+    from genrec.train.rl import sample_examples, sequence_log_probs, training_prompts
+    from genrec.train.rl_run import RLRun
 
     rl, g = cfg.rl, cfg.gream
     check_reward_names(rl.rewards, REWARDS)
@@ -137,10 +126,6 @@ def train_reasoning_srpo(cfg, dataset: Dataset, recommender, out_dir: Path, work
         reference = copy.deepcopy(model).eval()
         reference.requires_grad_(False)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=rl.lr, weight_decay=rl.weight_decay)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path, curves_path = work_dir / "checkpoint.pt", work_dir / "rl_curves.jsonl"
-    state = {"step": 0, "best": -1.0, "best_step": 0, "seconds": 0.0, "sft_valid_ndcg@10": None}
-    best = None
     num_beams = num_beams_for(cfg, cfg.data.max_history)
 
     def valid_ndcg() -> float:
@@ -151,24 +136,11 @@ def train_reasoning_srpo(cfg, dataset: Dataset, recommender, out_dir: Path, work
         ranked = rank_examples(ranker, valid, eval_cfg, dataset.num_items, desc="srpo valid (reasoning)")
         return ndcg_at_k(target_ranks(ranked, valid.targets), 10)
 
-    if ckpt_path.is_file():
-        blob = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        model.load_state_dict(blob["model"])
-        opt.load_state_dict(blob["opt"])
-        state, best = blob["state"], blob["best"]
-        _set_rng_state(blob["rng"])
-        log.info("srpo (reasoning): resumed at step %d", state["step"])
-    rows = _read_curves(curves_path, state["step"])
     model.eval()  # no dropout: the sampled policy is the one trained (as the direct trainer)
-    if state["step"] == 0:
-        score = valid_ndcg()
-        state.update(best=score, best_step=0, **{"sft_valid_ndcg@10": score})
-        best = {n: p.detach().clone() for n, p in model.state_dict().items()}
-        rows = [{"step": 0, "valid_ndcg@10": score}]
-    started = time.time() - state["seconds"]
-    bar = tqdm(total=rl.steps, initial=state["step"], desc="srpo (reasoning)", unit="step")
-    while state["step"] < rl.steps:
-        step = state["step"] + 1
+    run = RLRun("srpo (reasoning)", model, opt, work_dir, valid_ndcg)
+    bar = tqdm(total=rl.steps, initial=run.step, desc="srpo (reasoning)", unit="step")
+    while run.step < rl.steps:
+        step = run.step + 1
         rng = np.random.default_rng([cfg.seed, step])
         idx = rng.choice(len(prompts), size=min(rl.batch_size, len(prompts)), replace=False)
         histories = [prompts.histories[i] for i in idx]
@@ -230,7 +202,7 @@ def train_reasoning_srpo(cfg, dataset: Dataset, recommender, out_dir: Path, work
             )
             opt.step()
             row.update(
-                loss=float(loss),
+                loss=float(loss.detach()),
                 kl=stats["kl"],
                 clip_frac=stats["clip_frac"],
                 grad_norm=float(grad_norm),
@@ -238,41 +210,13 @@ def train_reasoning_srpo(cfg, dataset: Dataset, recommender, out_dir: Path, work
             )
         else:  # no informative group: nothing to learn from this batch
             row.update(loss=0.0, kl=0.0, clip_frac=0.0, grad_norm=0.0, loss_tokens=0)
-        state["step"] = step
-        over_budget = rl.max_minutes > 0 and time.time() - started > 60 * rl.max_minutes
-        if step % rl.eval_every == 0 or step == rl.steps or over_budget:
-            score = valid_ndcg()
-            row["valid_ndcg@10"] = score
-            if score > state["best"]:
-                state.update(best=score, best_step=step)
-                best = {n: p.detach().clone() for n, p in model.state_dict().items()}
-        state["seconds"] = time.time() - started
-        row["seconds"] = round(state["seconds"], 2)
-        rows.append(row)
-        atomic_write_text(curves_path, "".join(json.dumps(r) + "\n" for r in rows))
-        _save_torch(
-            {"model": model.state_dict(), "opt": opt.state_dict(), "state": state, "best": best, "rng": _rng_state()},
-            ckpt_path,
-        )
+        over_budget = run.over_budget(rl.max_minutes)
+        last = step == rl.steps or over_budget
+        run.end_step(row, evaluate=step % rl.eval_every == 0 or last, save=True)
         bar.update(1)
-        bar.set_postfix(reward=f"{row['reward']:.3f}", formed=f"{row['well_formed']:.2f}", best=f"{state['best']:.4f}")
+        bar.set_postfix(reward=f"{row['reward']:.3f}", formed=f"{row['well_formed']:.2f}", best=f"{run.best:.4f}")
         if over_budget:
             log.info("srpo (reasoning): stopping at the %.1f-minute budget after step %d", rl.max_minutes, step)
             break
     bar.close()
-    model.load_state_dict(best)
-    model.eval()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    recommender.save(out_dir / "model")
-    atomic_write_text(out_dir / "rl_curves.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    plot_curves(rows, out_dir / "rl_curves.png")
-    summary = {
-        "rollout": "reasoning",
-        "sft_valid_ndcg@10": state["sft_valid_ndcg@10"],
-        "best_valid_ndcg@10": state["best"],
-        "best_step": state["best_step"],
-        "steps": state["step"],
-        "train_seconds": round(state["seconds"], 1),
-    }
-    write_json(out_dir / "rl_summary.json", summary)
-    return summary
+    return run.finish(recommender, out_dir, rollout="reasoning")
