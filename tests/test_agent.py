@@ -110,7 +110,7 @@ def test_candidate_scores_equal_a_full_forward_per_candidate():
             if cands[b, m, 0] < 0:
                 continue
             seq = torch.tensor([prompt + cands[b, m].tolist()])
-            logp = torch.log_softmax(model(seq).logits[0].float(), -1)
+            logp = torch.log_softmax(model(seq).logits[0].detach().float(), -1)
             want = sum(float(logp[len(prompt) - 1 + t, cands[b, m, t]]) for t in range(2))
             assert got[b, m].item() == pytest.approx(want, abs=1e-4)
 
