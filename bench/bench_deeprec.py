@@ -51,9 +51,6 @@ def main() -> int:
     from genrec.eval.aggregate import collect, format_summary, run_seeds, summarise
     from genrec.io import atomic_write_text, read_json
 
-    sys.path.insert(0, str(ROOT / "bench"))
-    from bench_baselines import previous_sections
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--datasets", nargs="+", default=["ml-100k"], choices=list(CONFIGS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
@@ -88,7 +85,10 @@ def main() -> int:
         "Test split, leave-one-out, full ranking, seen items excluded, mean ± std over the seeds. "
         "Each dataset's section gives its command and machine.\n\n"
     )
-    sections = {**previous_sections(out, CONFIGS), **sections}  # read now: keep sections written meanwhile
+    sections = {
+        **bench_baselines.previous_sections(out, CONFIGS),
+        **sections,
+    }  # read now: keep sections written meanwhile
     atomic_write_text(out, header + "\n".join(sections[n] for n in CONFIGS if n in sections))
     print(out.read_text())
     return 0

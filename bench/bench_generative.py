@@ -116,9 +116,6 @@ def main() -> int:
     from genrec.eval.aggregate import run_seeds
     from genrec.io import atomic_write_text
 
-    sys.path.insert(0, str(ROOT / "bench"))
-    from bench_baselines import previous_sections
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--datasets", nargs="+", default=["ml-100k"], choices=list(CONFIGS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
@@ -154,7 +151,10 @@ def main() -> int:
         "search, mean ± std over the seeds. SASRec and the generative model come from the same run directories. "
         "Each dataset's section gives its command and machine.\n\n"
     )
-    sections = {**previous_sections(results, CONFIGS), **sections}  # read now: keep sections written meanwhile
+    sections = {
+        **bench_baselines.previous_sections(results, CONFIGS),
+        **sections,
+    }  # read now: keep sections written meanwhile
     atomic_write_text(results, header + "\n".join(sections[n] for n in CONFIGS if n in sections))
     print(results.read_text())
     return 0

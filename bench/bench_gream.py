@@ -1,6 +1,6 @@
 """GREAM's variants over seeds: direct and reasoning mode, with and without the curriculum and SRPO.
 
-    python bench/bench_gream.py [--datasets ml-100k] [--seeds 1 2 3] [--variants full align ...] [--set key=value ...]
+    python bench/bench_gream.py [--datasets ml-100k beauty] [--seeds 1 2 3] [--variants full align ...] [--set key=value ...]
 
 Each variant is a pipeline run of the dataset's GREAM config into
 bench/out/gream/<dataset>/<variant>/seed_<s>/ (seed by seed, so that a stopped benchmark
@@ -154,7 +154,7 @@ def main() -> int:
     from genrec.pipeline import run_pipeline
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--datasets", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument("--datasets", nargs="+", default=["ml-100k"], choices=list(CONFIGS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     bench_baselines.add_set_option(ap)

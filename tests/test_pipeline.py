@@ -148,3 +148,15 @@ def test_rl_depends_on_the_stages_its_rewards_read(real_graph, tmp_path, stage, 
     CALLS.clear()
     run_pipeline(changed)
     assert CALLS == {"sasrec": [stage], "embed": ["sid", stage], None: []}[reads]
+
+
+def test_eval_splits_redo_the_evaluations_and_not_the_training(real_graph, tmp_path):
+    """eval.splits is read by the final evaluations only: SFT stays done, the eval stages after it rerun."""
+    base = [f"run_dir={tmp_path / 'run'}", "stages=[sft, eval, gream_sft, gream_eval]"]
+    run_pipeline(load_config(None, base))
+    test_only = load_config(None, [*base, "eval.splits=[test]"])
+    status = {s: stage_status(test_only, s) for s in ("sft", "eval", "gream_sft", "gream_eval", "sasrec")}
+    assert status == {"sft": "done", "eval": "stale", "gream_sft": "done", "gream_eval": "stale", "sasrec": "missing"}
+    CALLS.clear()
+    run_pipeline(test_only)
+    assert CALLS == ["eval", "gream_eval"]

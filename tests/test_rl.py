@@ -360,3 +360,44 @@ def test_bad_reward_config_fails_before_training(tiny_dataset, tmp_path):
         train_rl(rl_config("rl.rewards={nope: 1.0}"), tiny_dataset, rec, tmp_path / "o", tmp_path / "w")
     with pytest.raises(ValueError, match="rl.rollout=beam"):
         train_rl(rl_config("rl.rollout=sample"), tiny_dataset, rec, tmp_path / "o", tmp_path / "w")
+
+
+def test_rl_run_keeps_step_0_and_resumes_a_checkpoint_that_held_its_best_weights(tmp_path):
+    """RLRun: the input model is the best until a later step beats it on valid; an older
+    checkpoint (best weights inside it, no SFT score) resumes to the same outputs."""
+    import json
+
+    from genrec.train.rl_run import RLRun, rng_state, save_torch
+
+    class Saver:
+        def save(self, path):
+            path.mkdir(parents=True)
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    start = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scores = iter([0.5, 0.4, float("nan")])  # steps 0, 1, 2: never better than step 0
+    run = RLRun("t", model, opt, tmp_path / "w", lambda: next(scores))
+    for step in (1, 2):
+        model(torch.ones(1, 3)).sum().backward()
+        opt.step()
+        run.end_step({"step": step, "loss": 1.0}, evaluate=True, save=True)
+    summary = run.finish(Saver(), tmp_path / "out")
+    assert summary["best_step"] == 0 and summary["sft_valid_ndcg@10"] == 0.5 and summary["steps"] == 2
+    assert all(torch.equal(model.state_dict()[n], w) for n, w in start.items())  # step 0's weights returned
+    rows = [json.loads(r) for r in (tmp_path / "out" / "rl_curves.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2] and rows[1]["valid_ndcg@10"] == 0.4
+
+    # The layout srpo.py and agent/rl.py wrote before RLRun: best weights in the checkpoint.
+    old = tmp_path / "old"
+    old.mkdir()
+    best = {n: w + 1 for n, w in start.items()}
+    state = {"step": 2, "best": 0.7, "best_step": 1, "seconds": 3.0}
+    blob = {"model": start, "opt": opt.state_dict(), "state": state, "best": best, "rng": rng_state()}
+    save_torch(blob, old / "checkpoint.pt")
+    resumed = RLRun("t", model, opt, old, lambda: 0.0)
+    assert resumed.step == 2 and resumed.best == 0.7
+    out = resumed.finish(Saver(), tmp_path / "out2")
+    assert out["best_step"] == 1 and out["sft_valid_ndcg@10"] is None
+    assert all(torch.equal(model.state_dict()[n], w) for n, w in best.items())

@@ -42,6 +42,10 @@ class Stage:
     # More inputs that depend on the config (cfg -> stage names), e.g. the stages whose
     # outputs the configured RL rewards read; they count like ``inputs`` (see stage_inputs).
     config_inputs: Callable[[RunConfig], tuple[str, ...]] | None = None
+    # "section.key" entries of its sections that the stage does not read: they stay out of its
+    # config hash, so changing them does not redo it (training validates on valid whatever
+    # eval.splits says).
+    ignore: tuple[str, ...] = ()
 
 
 def reward_inputs(cfg: RunConfig) -> tuple[str, ...]:
@@ -106,6 +110,7 @@ STAGES: dict[str, Stage] = {
             ("prepare", "sid", "text"),
             "multi-task SFT of the generative recommender",
             sft_inputs,
+            ignore=("eval.splits",),
         ),
         Stage(
             "eval",
@@ -128,6 +133,7 @@ STAGES: dict[str, Stage] = {
             ("data", "model", "sft", "decode", "eval", "gream", "interests"),
             ("prepare", "sid", "text"),
             "GREAM: alignment tasks + reasoning curriculum SFT",
+            ignore=("eval.splits",),
         ),
         Stage(
             "gream_eval",
@@ -150,6 +156,7 @@ STAGES: dict[str, Stage] = {
             ("data", "model", "sft", "decode", "eval", "agent"),
             ("prepare", "sid", "text", "embed", "trm"),
             "DeepRec: warm-up SFT on trajectories made with the TRM",
+            ignore=("eval.splits",),
         ),
         Stage(
             "agent_eval",
@@ -196,6 +203,9 @@ class StageContext:
 
 def _stage_record(cfg: RunConfig, stage: Stage, run_dir: Path) -> dict:
     sections = {s: to_dict(getattr(cfg, s)) for s in stage.sections}
+    for entry in stage.ignore:
+        section, key = entry.split(".", 1)
+        sections[section].pop(key, None)
     inputs = {}
     for name in stage_inputs(stage, cfg):
         done = run_dir / name / "done.json"

@@ -139,7 +139,9 @@ class RLRun:
             blob = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
             model.load_state_dict(blob["model"])
             opt.load_state_dict(blob["opt"])
-            self.state = blob["state"]
+            self.state = {"sft_valid_ndcg@10": None, **blob["state"]}
+            if "best" in blob and not self.best_path.is_file():  # a checkpoint that held its best weights
+                save_torch(blob["best"], self.best_path)
             set_rng_state(blob["rng"])
             log.info("%s: resumed from step %d", name, self.state["step"])
         self.rows = read_curves(self.curves_path, self.state["step"])
@@ -168,7 +170,7 @@ class RLRun:
         self.model.eval()
         if self.state["sft_valid_ndcg@10"] is None:
             self.state["sft_valid_ndcg@10"] = score
-        if score > self.state["best"]:
+        if score > self.state["best"] or not self.best_path.is_file():  # step 0 is kept whatever it scores
             self.state.update(best=score, best_step=step)
             save_torch(self.model.state_dict(), self.best_path)
         return score
