@@ -20,6 +20,7 @@ next-token distributions peaked like a trained model's; the timing does not depe
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import shlex
 import sys
@@ -199,7 +200,9 @@ def main() -> None:
     text = "\n".join([f"# Constrained decoding benchmark\n\n{setup}\n", *table, "", agreement, ""])
     print(text)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text + f"\nCommand: `python {shlex.join(sys.argv)}` (under `nice -n 10`)\n")
+    niceness = os.nice(0)
+    under = f" (under `nice -n {niceness}`)" if niceness else ""
+    Path(args.out).write_text(text + f"\nCommand: `python {shlex.join(sys.argv)}`{under}\n")
 
 
 if __name__ == "__main__":
