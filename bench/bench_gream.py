@@ -2,7 +2,7 @@
 
     python bench/bench_gream.py [--datasets ml-100k beauty] [--seeds 1 2 3] [--variants full align ...] [--set key=value ...]
 
-Each variant is a pipeline run of the dataset's GREAM config into
+Each variant is a pipeline run of the dataset's GREAM config (configs/gream-<dataset>.yaml) into
 bench/out/gream/<dataset>/<variant>/seed_<s>/ (seed by seed, so that a stopped benchmark
 leaves whole seeds); the table, with the command and the machine, goes to
 bench/results/gream.md (rerunning one dataset keeps the others' sections). Rows (test split,
