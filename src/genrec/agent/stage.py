@@ -110,7 +110,7 @@ def evaluate_agent(cfg, dataset: Dataset, recommender, retriever, out_dir: Path,
     transcripts: list[Transcript] = []
     started = time.perf_counter()
     ranker = agent_ranker(recommender, retriever, dataset.titles, cfg.agent, k, cfg.seed, log=transcripts)
-    agent = evaluate(ranker, dataset, eval_cfg, out_dir / "agent", None, cfg.seed, f"{name} agent")
+    agent = evaluate(ranker, dataset, eval_cfg, out_dir / "agent", seed=cfg.seed, model_name=f"{name} agent")
     stats = protocol_stats(transcripts, time.perf_counter() - started)
     # The last len(test) transcripts are the test split's, in the order of dataset.examples("test").
     test = dataset.examples("test")
@@ -125,9 +125,8 @@ def evaluate_agent(cfg, dataset: Dataset, recommender, retriever, out_dir: Path,
         dataset,
         eval_cfg,
         out_dir / "direct",
-        None,
-        cfg.seed,
-        f"{name} direct",
+        seed=cfg.seed,
+        model_name=f"{name} direct",
     )
     return {"agent": agent, "direct": direct, "protocol": stats}
 
