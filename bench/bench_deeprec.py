@@ -85,10 +85,8 @@ def main() -> int:
         "Test split, leave-one-out, full ranking, seen items excluded, mean ± std over the seeds. "
         "Each dataset's section gives its command and machine.\n\n"
     )
-    sections = {
-        **bench_baselines.previous_sections(out, CONFIGS),
-        **sections,
-    }  # read now: keep sections written meanwhile
+    # Read now, not at the start: keeps the sections other runs wrote meanwhile.
+    sections = {**bench_baselines.previous_sections(out, CONFIGS), **sections}
     atomic_write_text(out, header + "\n".join(sections[n] for n in CONFIGS if n in sections))
     print(out.read_text())
     return 0

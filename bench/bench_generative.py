@@ -151,10 +151,8 @@ def main() -> int:
         "search, mean ± std over the seeds. SASRec and the generative model come from the same run directories. "
         "Each dataset's section gives its command and machine.\n\n"
     )
-    sections = {
-        **bench_baselines.previous_sections(results, CONFIGS),
-        **sections,
-    }  # read now: keep sections written meanwhile
+    # Read now, not at the start: keeps the sections other runs wrote meanwhile.
+    sections = {**bench_baselines.previous_sections(results, CONFIGS), **sections}
     atomic_write_text(results, header + "\n".join(sections[n] for n in CONFIGS if n in sections))
     print(results.read_text())
     return 0

@@ -289,9 +289,6 @@ def train_rl(
     if rl.rollout != "beam" and "rank" in rl.rewards:
         raise ValueError("rl.rewards.rank depends on beam order: use it with rl.rollout=beam")
     extra_columns = dict(extra_columns or {})
-    out_dir, work_dir = Path(out_dir), Path(work_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    work_dir.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(cfg.seed)
     model = recommender.model
