@@ -49,6 +49,9 @@ REWARD_VARIANTS = {
     # The SASRec baseline's probability: dense (every group informative), so a 10x larger step
     # (docs/rl.md: +9.5% test NDCG@10 on one ML-100K seed).
     "trm@1e-4": ["rl.rewards={trm: 1.0}", "rl.lr=1.0e-4"],
+    # The same, with advantages scaled by the batch's reward std instead of each group's: a group
+    # where SASRec barely prefers one beam over another then moves the model little.
+    "trm-batch@1e-4": ["rl.rewards={trm: 1.0}", "rl.lr=1.0e-4", "rl.scale_rewards=batch"],
 }
 
 

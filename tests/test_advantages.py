@@ -70,3 +70,23 @@ def test_dynamic_sampling_and_dispatch():
     np.testing.assert_allclose(compute_advantages("grpo", r, r == 1), grpo_advantages(r))
     with pytest.raises(ValueError, match="rl.advantage"):
         compute_advantages("ppo", r, r == 1)
+
+
+def test_scale_rewards_literal():
+    # Two groups whose rewards differ by 1.0 and by 0.01: "group" gives both the same unit
+    # advantages; "batch" keeps the second 100x smaller; "none" leaves the centred rewards.
+    r = np.array([[1.0, 0.0], [0.505, 0.495]])
+    np.testing.assert_allclose(grpo_advantages(r, scale="group"), [[0.7071, -0.7071]] * 2, atol=1e-4)
+    batch_std = np.std([1.0, 0.0, 0.505, 0.495], ddof=1)
+    np.testing.assert_allclose(grpo_advantages(r, scale="batch"), [[0.5, -0.5], [0.005, -0.005]] / batch_std, rtol=1e-5)
+    np.testing.assert_allclose(grpo_advantages(r, scale="none"), [[0.5, -0.5], [0.005, -0.005]], atol=1e-9)
+    # Equal rewards stay exactly zero under every scale, and BGAE passes its scale on.
+    for scale in ("group", "batch", "none"):
+        assert (grpo_advantages(np.full((2, 3), 0.3), scale=scale) == 0).all()
+    hits = r == 1.0
+    np.testing.assert_allclose(
+        compute_advantages("bgae", r, hits, scale="none") - grpo_advantages(r, scale="none"),
+        compute_advantages("bgae", r, hits) - grpo_advantages(r),
+    )
+    with pytest.raises(ValueError, match="scale_rewards"):
+        grpo_advantages(r, scale="std")

@@ -160,3 +160,13 @@ def test_eval_splits_redo_the_evaluations_and_not_the_training(real_graph, tmp_p
     CALLS.clear()
     run_pipeline(test_only)
     assert CALLS == ["eval", "gream_eval"]
+
+
+def test_a_key_added_later_keeps_older_runs_done_at_its_default(real_graph, tmp_path):
+    """rl.scale_rewards came after runs were made: at its default it is out of the hash, any other value redoes RL."""
+    base = [f"run_dir={tmp_path / 'run'}", "stages=[rl]"]
+    run_pipeline(load_config(None, base))
+    done = json.loads((tmp_path / "run/rl/done.json").read_text())
+    assert "scale_rewards" not in done["config"]["rl"] and "bgae_k" in done["config"]["rl"]
+    assert stage_status(load_config(None, [*base, "rl.scale_rewards=group"]), "rl") == "done"
+    assert stage_status(load_config(None, [*base, "rl.scale_rewards=batch"]), "rl") == "stale"

@@ -400,6 +400,10 @@ class RLConfig:
     advantage: str = "grpo"
     # BGAE's K: the subset size of its pass@K-style success estimate.
     bgae_k: int = 4
+    # What divides the group-centred rewards (TRL's scale_rewards): "group" (the group's std,
+    # GRPO), "batch" (the std of all the step's rewards: a group whose rewards barely differ
+    # moves the model little) or "none" (Dr. GRPO).
+    scale_rewards: str = "group"
     # DAPO dynamic sampling: drop groups whose rewards are all equal (they have zero advantage).
     dynamic_sampling: bool = True
     # "grpo" (sequence mean, then batch mean), "dapo" (token mean over the batch) or "gspo"
@@ -440,6 +444,10 @@ class RLConfig:
 
     def __post_init__(self) -> None:
         _check(self.advantage in ("grpo", "bgae"), f"rl.advantage must be 'grpo' or 'bgae', got {self.advantage!r}")
+        _check(
+            self.scale_rewards in ("group", "batch", "none"),
+            f"rl.scale_rewards must be 'group', 'batch' or 'none', got {self.scale_rewards!r}",
+        )
         _check(self.loss in ("grpo", "dapo", "gspo"), f"rl.loss must be 'grpo', 'dapo' or 'gspo', got {self.loss!r}")
         _check(self.rollout in ("beam", "sample"), f"rl.rollout must be 'beam' or 'sample', got {self.rollout!r}")
         _check(bool(self.rewards), "rl.rewards must name at least one reward with its weight, e.g. {rank: 1.0}")

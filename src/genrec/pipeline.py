@@ -28,6 +28,11 @@ from genrec.io import read_json, sha256_file, write_json
 
 log = logging.getLogger("genrec")
 
+# Config keys added after runs were made with the behaviour of their default: at that default
+# they stay out of every stage's config hash, so a finished stage from before the key existed
+# is still finished. Any other value enters the hash as usual.
+ADDED_KEYS: dict[str, Any] = {"rl.scale_rewards": "group"}
+
 
 @dataclass(frozen=True)
 class Stage:
@@ -206,6 +211,10 @@ def _stage_record(cfg: RunConfig, stage: Stage, run_dir: Path) -> dict:
     for entry in stage.ignore:
         section, key = entry.split(".", 1)
         sections[section].pop(key, None)
+    for entry, default in ADDED_KEYS.items():
+        section, key = entry.split(".", 1)
+        if section in sections and sections[section].get(key, default) == default:
+            sections[section].pop(key, None)
     inputs = {}
     for name in stage_inputs(stage, cfg):
         done = run_dir / name / "done.json"

@@ -2,7 +2,8 @@
 
 Row b holds the G completions of one prompt (the beams of its beam search, or its samples).
 
-- :func:`grpo_advantages`: group normalisation, A = (r - mean) / (std + eps);
+- :func:`grpo_advantages`: group normalisation, A = (r - mean) / (std + eps), the std of the
+  group (GRPO), of the batch, or none (Dr. GRPO): TRL's `scale_rewards`;
 - :func:`bgae_advantages`: GREAM's bonus-calibrated group advantage for sparse successes;
 - :func:`informative_groups`: DAPO's dynamic sampling, which keeps only groups whose rewards
   are not all equal (such a group has zero advantage everywhere and only dilutes the batch).
@@ -17,6 +18,7 @@ from math import comb
 import numpy as np
 
 ADVANTAGES = ("grpo", "bgae")
+SCALES = ("group", "batch", "none")
 
 
 def informative_groups(rewards) -> np.ndarray:
@@ -29,24 +31,34 @@ def informative_groups(rewards) -> np.ndarray:
     return (r != r[:, :1]).any(axis=1)
 
 
-def grpo_advantages(rewards, eps: float = 1e-6) -> np.ndarray:
-    """A_i = (r_i - mean_j r_j) / (std_j r_j + eps) within each group (row).
+def grpo_advantages(rewards, eps: float = 1e-6, scale: str = "group") -> np.ndarray:
+    """A_i = (r_i - mean_j r_j) / (s + eps) within each group (row).
 
-    ``std`` is the sample standard deviation (ddof = 1), as TRL's GRPOTrainer computes it;
-    a group of one completion, or whose rewards are all equal, gets A = 0.
+    ``scale`` is TRL's ``scale_rewards``: "group" divides by the group's standard deviation
+    (GRPO), "batch" by the standard deviation of all rewards in the batch (so a group whose
+    rewards barely differ gets a small advantage instead of a unit one), "none" by 1 (Dr. GRPO).
+    Standard deviations are sample ones (ddof = 1), as TRL computes them; a group of one
+    completion, or whose rewards are all equal, gets A = 0.
 
     >>> np.round(grpo_advantages(np.array([[1.0, 0.0, 0.0, 0.0], [0.3, 0.3, 0.3, 0.3]])), 4).tolist()
     [[1.5, -0.5, -0.5, -0.5], [0.0, 0.0, 0.0, 0.0]]
+    >>> np.round(grpo_advantages(np.array([[1.0, 0.0], [0.6, 0.4]]), scale="batch"), 4).tolist()
+    [[1.201, -1.201], [0.2402, -0.2402]]
     """
     r = np.asarray(rewards, dtype=np.float64)
     if r.ndim != 2:
         raise ValueError(f"rewards must be (B, G), got shape {r.shape}")
+    if scale not in SCALES:
+        raise ValueError(f"rl.scale_rewards must be one of {SCALES}, got {scale!r}")
     if r.shape[1] < 2:
         return np.zeros_like(r)
     centred = r - r.mean(axis=1, keepdims=True)
-    adv = centred / (r.std(axis=1, ddof=1, keepdims=True) + eps)
+    if scale == "group":
+        centred = centred / (r.std(axis=1, ddof=1, keepdims=True) + eps)
+    elif scale == "batch":
+        centred = centred / ((r.std(ddof=1) if r.size > 1 else 0.0) + eps)
     # Equal rewards: the mean can differ from them by rounding, and eps would blow that up.
-    return np.where(informative_groups(r)[:, None], adv, 0.0)
+    return np.where(informative_groups(r)[:, None], centred, 0.0)
 
 
 def bgae_bonus(n: int, c: int, k: int = 4, eps: float = 1e-6) -> tuple[float, float]:
@@ -72,7 +84,7 @@ def bgae_bonus(n: int, c: int, k: int = 4, eps: float = 1e-6) -> tuple[float, fl
     return float(b_plus), float(b_minus)
 
 
-def bgae_advantages(rewards, hits, k: int = 4, eps: float = 1e-6) -> np.ndarray:
+def bgae_advantages(rewards, hits, k: int = 4, eps: float = 1e-6, scale: str = "group") -> np.ndarray:
     """GREAM's bonus-calibrated group advantage: A_i = GRPO A_i + (b+ if hit_i else b-).
 
     ``hits`` (B, G) bool marks the exact hits (GREAM's r_i = 1); c = hits per group. The
@@ -89,13 +101,13 @@ def bgae_advantages(rewards, hits, k: int = 4, eps: float = 1e-6) -> np.ndarray:
         raise ValueError(f"hits {hits.shape} and rewards {r.shape} must have the same shape (B, G)")
     n = r.shape[1]
     bonus = np.array([bgae_bonus(n, int(c), k, eps) for c in hits.sum(axis=1)]).reshape(-1, 2)  # (B, 2): b+, b-
-    return grpo_advantages(r, eps) + np.where(hits, bonus[:, :1], bonus[:, 1:])
+    return grpo_advantages(r, eps, scale) + np.where(hits, bonus[:, :1], bonus[:, 1:])
 
 
-def compute_advantages(kind: str, rewards, hits, eps: float = 1e-6, k: int = 4) -> np.ndarray:
-    """Dispatch on ``rl.advantage``: "grpo" or "bgae"."""
+def compute_advantages(kind: str, rewards, hits, eps: float = 1e-6, k: int = 4, scale: str = "group") -> np.ndarray:
+    """Dispatch on ``rl.advantage``: "grpo" or "bgae", with ``rl.scale_rewards`` as ``scale``."""
     if kind == "grpo":
-        return grpo_advantages(rewards, eps)
+        return grpo_advantages(rewards, eps, scale)
     if kind == "bgae":
-        return bgae_advantages(rewards, hits, k, eps)
+        return bgae_advantages(rewards, hits, k, eps, scale)
     raise ValueError(f"rl.advantage must be one of {ADVANTAGES}, got {kind!r}")

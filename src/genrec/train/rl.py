@@ -325,7 +325,7 @@ def train_rl(
         columns = batch_columns(out, targets, histories, user_ids, trie_codes, extra_columns)
         rewards, parts = combine_rewards(rl.rewards, columns, registry)  # (B, G)
         hits = columns["items"] == targets[:, None]  # (B, G)
-        advantages = compute_advantages(rl.advantage, rewards, hits, k=rl.bgae_k)  # (B, G)
+        advantages = compute_advantages(rl.advantage, rewards, hits, k=rl.bgae_k, scale=rl.scale_rewards)  # (B, G)
         keep = informative_groups(rewards) if rl.dynamic_sampling else np.ones(len(idx), dtype=bool)
 
         row = {

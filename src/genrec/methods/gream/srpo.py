@@ -162,7 +162,7 @@ def train_reasoning_srpo(cfg, dataset: Dataset, recommender, out_dir: Path, work
             )
         rewards, parts = combine_rewards(rl.rewards, columns, REWARDS)  # (B, G)
         hits = ro.items == targets[:, None]
-        advantages = compute_advantages(rl.advantage, rewards, hits, k=rl.bgae_k)  # (B, G)
+        advantages = compute_advantages(rl.advantage, rewards, hits, k=rl.bgae_k, scale=rl.scale_rewards)  # (B, G)
         keep = informative_groups(rewards) if rl.dynamic_sampling else np.ones(len(idx), dtype=bool)
         row = {
             "step": step,
