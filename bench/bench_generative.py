@@ -52,6 +52,10 @@ REWARD_VARIANTS = {
     # The same, with advantages scaled by the batch's reward std instead of each group's: a group
     # where SASRec barely prefers one beam over another then moves the model little.
     "trm-batch@1e-4": ["rl.rewards={trm: 1.0}", "rl.lr=1.0e-4", "rl.scale_rewards=batch"],
+    # At 1e-4 valid peaks by step 10 and falls as KL grows: a third of the step, evaluated twice as often.
+    "trm@3e-5": ["rl.rewards={trm: 1.0}", "rl.lr=3.0e-5", "rl.eval_every=5"],
+    # rank at 1e-5 is still rising at its last step with KL 2e-4: a 5x larger step.
+    "rank@5e-5": ["rl.rewards={rank: 1.0}", "rl.lr=5.0e-5", "rl.eval_every=5"],
 }
 
 
