@@ -56,7 +56,7 @@ def grpo_advantages(rewards, eps: float = 1e-6, scale: str = "group") -> np.ndar
     if scale == "group":
         centred = centred / (r.std(axis=1, ddof=1, keepdims=True) + eps)
     elif scale == "batch":
-        centred = centred / ((r.std(ddof=1) if r.size > 1 else 0.0) + eps)
+        centred = centred / (r.std(ddof=1) + eps)
     # Equal rewards: the mean can differ from them by rounding, and eps would blow that up.
     return np.where(informative_groups(r)[:, None], centred, 0.0)
 
