@@ -56,6 +56,23 @@ REWARD_VARIANTS = {
     "trm@3e-5": ["rl.rewards={trm: 1.0}", "rl.lr=3.0e-5", "rl.eval_every=5"],
     # rank at 1e-5 is still rising at its last step with KL 2e-4: a 5x larger step.
     "rank@5e-5": ["rl.rewards={rank: 1.0}", "rl.lr=5.0e-5", "rl.eval_every=5"],
+    # SASRec's log-probability: the KL-regularised optimum is the product ensemble of SFT and SASRec.
+    "trm_logp@1e-4": [
+        "rl.rewards={trm_logp: 1.0}",
+        "rl.lr=1.0e-4",
+        "rl.steps=40",
+        "rl.eval_every=5",
+        "rl.max_minutes=10",
+    ],
+    "trm_logp@3e-5": [
+        "rl.rewards={trm_logp: 1.0}",
+        "rl.lr=3.0e-5",
+        "rl.steps=60",
+        "rl.eval_every=5",
+        "rl.max_minutes=12",
+    ],
+    # The same in the main job's budget: 20 steps, valid at steps 10 and 20.
+    "trm_logp@3e-5x20": ["rl.rewards={trm_logp: 1.0}", "rl.lr=3.0e-5", "rl.steps=20", "rl.eval_every=10"],
 }
 
 

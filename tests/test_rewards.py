@@ -16,6 +16,7 @@ from genrec.train.rewards import (
     rank_reward,
     rsvr_reward,
     semantic_reward,
+    trm_logp_reward,
     trm_reward,
     valid_penalty_reward,
     valid_reward,
@@ -93,6 +94,16 @@ def test_trm_probs_and_log_probs():
     np.testing.assert_allclose(trm_reward(items, trm_log_probs=np.log(probs)), [[0.6, 0.3], [0.5, 0.0]])
     with pytest.raises(ValueError, match="exactly one"):
         trm_reward(items)
+
+
+def test_trm_logp_is_the_log_probability_and_the_rows_floor_for_no_item():
+    probs = np.array([[0.1, 0.6, 0.3], [0.5, 0.25, 0.25]])
+    items = np.array([[1, 2], [0, -1]])
+    expected = [[math.log(0.6), math.log(0.3)], [math.log(0.5), math.log(0.25)]]
+    np.testing.assert_allclose(trm_logp_reward(items, trm_probs=probs), expected)
+    np.testing.assert_allclose(trm_logp_reward(items, trm_log_probs=np.log(probs)), expected)
+    with pytest.raises(ValueError, match="exactly one"):
+        trm_logp_reward(items)
 
 
 def test_validity():

@@ -57,7 +57,7 @@ def reward_inputs(cfg: RunConfig) -> tuple[str, ...]:
     """The stages whose outputs the rewards named in ``rl.rewards`` read (``genrec.train.rewards.REWARD_INPUTS``)."""
     from genrec.train.rewards import REWARD_INPUTS
 
-    return tuple(REWARD_INPUTS[name] for name in cfg.rl.rewards if name in REWARD_INPUTS)
+    return tuple(dict.fromkeys(REWARD_INPUTS[name] for name in cfg.rl.rewards if name in REWARD_INPUTS))
 
 
 def text_inputs(cfg: RunConfig) -> tuple[str, ...]:

@@ -156,6 +156,31 @@ def trm_reward(items, trm_probs=None, trm_log_probs=None, **columns) -> np.ndarr
     return np.where(items >= 0, picked, 0.0)
 
 
+def trm_logp_reward(items, trm_probs=None, trm_log_probs=None, **columns) -> np.ndarray:
+    """Model-based reward on the log scale: r = log p(item | history) under the traditional
+    recommender, and the row's smallest log-probability where the completion is no item.
+
+    Under the KL-regularised RL objective the optimal policy is ``pi_ref * exp(r / beta)``; with
+    this reward that is ``pi_ref * p_trm ** (1 / beta)``, a product ensemble of the SFT model and
+    the recommender, where ``trm`` (the probability itself) would weigh only the few beams that
+    the recommender likes most. Takes the same columns as :func:`trm_reward`.
+
+    >>> trm_logp_reward(np.array([[1, -1]]), trm_probs=np.array([[0.25, 0.5, 0.25]])).round(3).tolist()
+    [[-0.693, -1.386]]
+    """
+    if (trm_probs is None) == (trm_log_probs is None):
+        raise ValueError(
+            "the 'trm_logp' reward needs exactly one of the columns trm_probs or trm_log_probs, each (B, N)"
+        )
+    if trm_log_probs is not None:
+        logp = np.asarray(trm_log_probs, dtype=np.float64)
+    else:
+        logp = np.log(np.maximum(np.asarray(trm_probs, dtype=np.float64), 1e-300))
+    items = np.asarray(items)
+    picked = np.take_along_axis(logp, np.clip(items, 0, None), axis=1)  # (B, G)
+    return np.where(items >= 0, picked, logp.min(axis=1, keepdims=True))
+
+
 def interest_reward(items, user_interest_emb=None, item_interest_emb=None, **columns) -> np.ndarray:
     """DeepInterestGR's interest bonus: how well the generated item matches the user's positive interests.
 
@@ -230,6 +255,7 @@ REWARDS: dict[str, RewardFn] = {
     "prefix": prefix_reward,
     "semantic": semantic_reward,
     "trm": trm_reward,
+    "trm_logp": trm_logp_reward,
     "interest": interest_reward,
     "quality": quality_reward,
     "valid": valid_reward,
@@ -239,7 +265,13 @@ REWARDS: dict[str, RewardFn] = {
 
 # The stage whose output each reward's extra column is built from (genrec.train.rl.stage_columns);
 # a stage with these rewards lists it among its inputs, so a new embedding or SASRec model makes it stale.
-REWARD_INPUTS: dict[str, str] = {"semantic": "embed", "trm": "sasrec", "interest": "rldi", "quality": "rldi"}
+REWARD_INPUTS: dict[str, str] = {
+    "semantic": "embed",
+    "trm": "sasrec",
+    "trm_logp": "sasrec",
+    "interest": "rldi",
+    "quality": "rldi",
+}
 
 
 def check_reward_names(weights: Mapping[str, float], registry: Mapping[str, RewardFn]) -> None:

@@ -374,7 +374,7 @@ def stage_columns(ctx) -> dict[str, Column]:
     columns: dict[str, Column] = {}
     if "semantic" in ctx.cfg.rl.rewards:
         columns["item_emb"] = np.load(ctx.input(REWARD_INPUTS["semantic"]) / "item_emb.npy")
-    if "trm" in ctx.cfg.rl.rewards:
+    if {"trm", "trm_logp"} & set(ctx.cfg.rl.rewards):
         import torch
 
         from genrec.baselines.sasrec import SASRec
