@@ -47,15 +47,12 @@ DEEPINTEREST = [
     "sft.tasks={seqrec: 1.0, interest2sid: 0.5}",
     "rl.rewards={rank: 1.0, interest: 0.1, quality: 0.5}",
     "rl.targets_per_user=3",
-    "rl.lr=1.0e-5",
 ]
 # Every variant's RL as DeepInterestGR was measured: the rank reward (MLIM's variants add the
 # interest terms) at lr 1e-5, and on ml-100k 30 steps, from before configs/ml-100k.yaml moved to
 # trm_logp at lr 3e-5 for 20 steps.
-DATASET_OVERRIDES = {
-    "ml-100k": ["rl.rewards={rank: 1.0}", "rl.lr=1.0e-5", "rl.steps=30"],
-    "beauty": ["rl.rewards={rank: 1.0}", "rl.lr=1.0e-5"],
-}
+RANK_RL = ["rl.rewards={rank: 1.0}", "rl.lr=1.0e-5"]
+DATASET_OVERRIDES = {"ml-100k": [*RANK_RL, "rl.steps=30"], "beauty": RANK_RL}
 FULL_STAGES = "stages=[prepare, popularity, sasrec, interests, rldi, text, embed, sid, sft, eval, rl]"
 # The other variants' rows are their "sft+rl" metrics, so they skip the SFT model's test evaluation.
 PLAIN_STAGES = "stages=[prepare, text, embed, sid, sft, rl]"
