@@ -136,6 +136,19 @@ def semantic_reward(items, target_item, item_emb=None, **columns) -> np.ndarray:
     return np.where(items >= 0, cos, 0.0)
 
 
+def _trm_table(name: str, trm_probs, trm_log_probs, log: bool) -> np.ndarray:
+    """The recommender's (B, N) distribution from whichever one column was given, as log-probs or probs."""
+    if (trm_probs is None) == (trm_log_probs is None):
+        raise ValueError(
+            f"the {name!r} reward needs exactly one of the columns trm_probs or trm_log_probs, each (B, N)"
+        )
+    if log:
+        if trm_log_probs is not None:
+            return np.asarray(trm_log_probs, dtype=np.float64)
+        return np.log(np.maximum(np.asarray(trm_probs, dtype=np.float64), 1e-300))
+    return np.asarray(trm_probs, dtype=np.float64) if trm_probs is not None else np.exp(np.asarray(trm_log_probs))
+
+
 def trm_reward(items, trm_probs=None, trm_log_probs=None, **columns) -> np.ndarray:
     """Model-based reward: a traditional recommender's probability of the generated item.
 
@@ -148,9 +161,7 @@ def trm_reward(items, trm_probs=None, trm_log_probs=None, **columns) -> np.ndarr
     >>> trm_reward(np.array([[1, 0, -1]]), trm_probs=np.array([[0.2, 0.5, 0.3]])).tolist()
     [[0.5, 0.2, 0.0]]
     """
-    if (trm_probs is None) == (trm_log_probs is None):
-        raise ValueError("the 'trm' reward needs exactly one of the columns trm_probs or trm_log_probs, each (B, N)")
-    probs = np.asarray(trm_probs, dtype=np.float64) if trm_probs is not None else np.exp(np.asarray(trm_log_probs))
+    probs = _trm_table("trm", trm_probs, trm_log_probs, log=False)
     items = np.asarray(items)
     picked = np.take_along_axis(probs, np.clip(items, 0, None), axis=1)  # (B, G)
     return np.where(items >= 0, picked, 0.0)
@@ -168,14 +179,7 @@ def trm_logp_reward(items, trm_probs=None, trm_log_probs=None, **columns) -> np.
     >>> trm_logp_reward(np.array([[1, -1]]), trm_probs=np.array([[0.25, 0.5, 0.25]])).round(3).tolist()
     [[-0.693, -1.386]]
     """
-    if (trm_probs is None) == (trm_log_probs is None):
-        raise ValueError(
-            "the 'trm_logp' reward needs exactly one of the columns trm_probs or trm_log_probs, each (B, N)"
-        )
-    if trm_log_probs is not None:
-        logp = np.asarray(trm_log_probs, dtype=np.float64)
-    else:
-        logp = np.log(np.maximum(np.asarray(trm_probs, dtype=np.float64), 1e-300))
+    logp = _trm_table("trm_logp", trm_probs, trm_log_probs, log=True)
     items = np.asarray(items)
     picked = np.take_along_axis(logp, np.clip(items, 0, None), axis=1)  # (B, G)
     return np.where(items >= 0, picked, logp.min(axis=1, keepdims=True))

@@ -374,12 +374,12 @@ def stage_columns(ctx) -> dict[str, Column]:
     columns: dict[str, Column] = {}
     if "semantic" in ctx.cfg.rl.rewards:
         columns["item_emb"] = np.load(ctx.input(REWARD_INPUTS["semantic"]) / "item_emb.npy")
-    if {"trm", "trm_logp"} & set(ctx.cfg.rl.rewards):
+    if any(REWARD_INPUTS.get(name) == "sasrec" for name in ctx.cfg.rl.rewards):  # trm, trm_logp
         import torch
 
         from genrec.baselines.sasrec import SASRec
 
-        sasrec = SASRec.load(ctx.input(REWARD_INPUTS["trm"]) / "model.pt")
+        sasrec = SASRec.load(ctx.input("sasrec") / "model.pt")
 
         def trm_log_probs(histories, **_):
             return torch.log_softmax(sasrec.score(histories), dim=-1).numpy()
