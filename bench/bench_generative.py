@@ -71,6 +71,9 @@ REWARD_VARIANTS = {
         "rl.eval_every=5",
         "rl.max_minutes=12",
     ],
+    # The config's RL (trm_logp on configs/ml-100k.yaml and configs/beauty.yaml) on each user's whole
+    # training part as an unlabelled prompt: SASRec never trained on what follows it.
+    "histories": ["rl.prompts=histories"],
     # The same in the main job's budget: 20 steps, valid at steps 10 and 20.
     "trm_logp@3e-5x20": ["rl.rewards={trm_logp: 1.0}", "rl.lr=3.0e-5", "rl.steps=20", "rl.eval_every=10"],
 }

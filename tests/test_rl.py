@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from genrec.train.losses import k3_kl, policy_loss  # noqa: E402
-from genrec.train.rl import completion_log_probs, training_prompts  # noqa: E402
+from genrec.train.rl import completion_log_probs, history_prompts, rl_prompts, training_prompts  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -177,6 +177,29 @@ def test_training_prompts_use_only_training_positions(tiny_dataset):
         assert target not in held and not np.isin(hist, held).any()
 
 
+def test_history_prompts_are_each_users_training_part_without_a_target(tiny_dataset):
+    prompts = history_prompts(tiny_dataset, max_history=3)
+    train = tiny_dataset.train_sequences()
+    assert prompts.user_ids.tolist() == [u for u, s in enumerate(train) if len(s)]
+    assert (prompts.targets == -1).all()
+    for u, hist in zip(prompts.user_ids, prompts.histories):
+        assert hist.tolist() == train[u][-3:].tolist()
+        assert not np.isin(hist, tiny_dataset.sequences[u][len(train[u]) :]).any()  # no valid or test item
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["rl.rewards={trm_logp: 1.0, rank: 1.0}"], "rl.rewards.rank needs each prompt's target"),
+        (["rl.rewards={trm_logp: 1.0}", "rl.advantage=bgae"], "rl.advantage=bgae"),
+    ],
+)
+def test_unlabelled_prompts_refuse_what_needs_a_target(tiny_dataset, overrides, message):
+    cfg = rl_config("rl.prompts=histories", *overrides)
+    with pytest.raises(ValueError, match=message):
+        rl_prompts(tiny_dataset, cfg.rl, 5)
+
+
 # --------------------------------------------------------------------------- the loop and the stage
 
 SIZES = [4, 4, 3]  # 48 SIDs for the 30 items of the tiny dataset
@@ -256,6 +279,30 @@ def test_rl_raises_the_likelihood_of_rewarded_targets(tiny_dataset, tmp_path, ov
     after = mean_target_log_prob(rec, prompts)
     assert after > before + 0.3, f"{overrides}: target log-prob {before:.3f} -> {after:.3f}"
     assert summary["steps"] == 12
+
+
+def test_rl_on_unlabelled_histories_follows_a_target_free_reward(tiny_dataset, tmp_path):
+    import json
+
+    from genrec.train.rl import train_rl
+
+    # A stand-in for SASRec that puts most of its mass on item 7 whatever the history.
+    table = np.full(tiny_dataset.num_items, 0.1 / (tiny_dataset.num_items - 1))
+    table[7] = 0.9
+    cfg = rl_config("rl.prompts=histories", "rl.rewards={trm_logp: 1.0}", "rl.steps=12", "rl.eval_every=100")
+    sub = type(tiny_dataset)(tiny_dataset.items, _first_users(tiny_dataset, 8), max_history=5)
+    rec = tiny_recommender(sub)
+    prompts = history_prompts(sub, 5)
+    prompts.targets = np.full(len(prompts), 7)  # to measure item 7's log-prob; the trainer never saw a target
+    before = mean_target_log_prob(rec, prompts)
+    columns = {"trm_log_probs": lambda histories, **_: np.log(np.tile(table, (len(histories), 1)))}
+    train_rl(cfg, sub, rec, tmp_path / "out", tmp_path / "work", extra_columns=columns)
+    rec.model.load_state_dict(torch.load(tmp_path / "work" / "checkpoint.pt", weights_only=False)["model"])
+    after = mean_target_log_prob(rec, prompts)
+    assert after > before + 0.3, f"item 7's log-prob {before:.3f} -> {after:.3f}"
+    rows = [json.loads(line) for line in (tmp_path / "out" / "rl_curves.jsonl").read_text().splitlines()]
+    assert all("hit_rate" not in r for r in rows), "no target, so no hit rate to log"
+    assert all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
 
 
 def _first_users(dataset, n: int):

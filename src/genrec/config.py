@@ -431,6 +431,12 @@ class RLConfig:
     grad_clip: float = 1.0
     # Rollout batches (each followed by updates_per_rollout optimiser steps).
     steps: int = 200
+    # "targets": the last targets_per_user training positions of each user, each with its
+    # history and its true next item. "histories": each user's whole training part as one
+    # unlabelled prompt (no target), for rewards that need none (TARGET_FREE_REWARDS: trm,
+    # trm_logp, valid): SASRec never trained on what follows it, so its scores there are
+    # its generalisation, not its memory of a training target.
+    prompts: str = "targets"
     # Training prompts per user: the last this-many training positions, each with its history.
     targets_per_user: int = 3
     # Evaluate valid NDCG@10 every this many steps (and at step 0); the best model is kept.
@@ -450,6 +456,10 @@ class RLConfig:
         )
         _check(self.loss in ("grpo", "dapo", "gspo"), f"rl.loss must be 'grpo', 'dapo' or 'gspo', got {self.loss!r}")
         _check(self.rollout in ("beam", "sample"), f"rl.rollout must be 'beam' or 'sample', got {self.rollout!r}")
+        _check(
+            self.prompts in ("targets", "histories"),
+            f"rl.prompts must be 'targets' or 'histories', got {self.prompts!r}",
+        )
         _check(bool(self.rewards), "rl.rewards must name at least one reward with its weight, e.g. {rank: 1.0}")
         _check(self.group_size >= 2, f"rl.group_size must be >= 2 (advantages compare a group), got {self.group_size}")
         _check(self.temperature > 0, f"rl.temperature must be > 0, got {self.temperature}")

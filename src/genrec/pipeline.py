@@ -31,7 +31,7 @@ log = logging.getLogger("genrec")
 # Config keys added after runs were made with the behaviour of their default: at that default
 # they stay out of every stage's config hash, so a finished stage from before the key existed
 # is still finished. Any other value enters the hash as usual.
-ADDED_KEYS: dict[str, Any] = {"rl.scale_rewards": "group"}
+ADDED_KEYS: dict[str, Any] = {"rl.scale_rewards": "group", "rl.prompts": "targets"}
 
 
 @dataclass(frozen=True)

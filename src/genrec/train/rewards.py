@@ -278,6 +278,11 @@ REWARD_INPUTS: dict[str, str] = {
 }
 
 
+# Rewards that never read the target columns: the only ones allowed with unlabelled prompts
+# (rl.prompts=histories).
+TARGET_FREE_REWARDS = frozenset({"trm", "trm_logp", "valid", "valid_penalty"})
+
+
 def check_reward_names(weights: Mapping[str, float], registry: Mapping[str, RewardFn]) -> None:
     """Raise ValueError naming the first unknown reward of ``rl.rewards``."""
     if not weights:

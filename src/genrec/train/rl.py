@@ -35,7 +35,14 @@ from genrec.config import RunConfig
 from genrec.data.dataset import Dataset, Examples
 from genrec.model.backbone import cache_kwargs, output_cache
 from genrec.train.advantages import compute_advantages, informative_groups
-from genrec.train.rewards import REWARD_INPUTS, REWARDS, RewardFn, check_reward_names, combine_rewards
+from genrec.train.rewards import (
+    REWARD_INPUTS,
+    REWARDS,
+    TARGET_FREE_REWARDS,
+    RewardFn,
+    check_reward_names,
+    combine_rewards,
+)
 from genrec.train.rl_run import RLRun
 
 log = logging.getLogger("genrec")
@@ -52,7 +59,7 @@ class Prompts:
 
     user_ids: np.ndarray  # (P,) int64
     histories: list[np.ndarray]  # each the last max_history items before the target
-    targets: np.ndarray  # (P,) int64
+    targets: np.ndarray  # (P,) int64; -1 for an unlabelled prompt (history_prompts)
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -73,6 +80,37 @@ def training_prompts(dataset: Dataset, targets_per_user: int, max_history: int) 
     if not targets:
         raise ValueError("no training prompts: every user's training part has fewer than 2 items")
     return Prompts(np.asarray(users, dtype=np.int64), histories, np.asarray(targets, dtype=np.int64))
+
+
+def history_prompts(dataset: Dataset, max_history: int) -> Prompts:
+    """For each user, the whole training part as one unlabelled prompt (target -1).
+
+    What follows it is the valid item, which no reward sees: only rewards that need no target
+    (``TARGET_FREE_REWARDS``) can score these. Users with an empty training part are left out.
+    """
+    users, histories = [], []
+    for u, seq in enumerate(dataset.train_sequences()):
+        if len(seq):
+            users.append(u)
+            histories.append(seq[-max_history:])
+    if not users:
+        raise ValueError("no history prompts: every user's training part is empty")
+    return Prompts(np.asarray(users, dtype=np.int64), histories, np.full(len(users), -1, dtype=np.int64))
+
+
+def rl_prompts(dataset: Dataset, rl, max_history: int) -> Prompts:
+    """The prompts ``rl.prompts`` names; unlabelled ones only with rewards that need no target."""
+    if rl.prompts == "targets":
+        return training_prompts(dataset, rl.targets_per_user, max_history)
+    for name in rl.rewards:
+        if name not in TARGET_FREE_REWARDS:
+            raise ValueError(
+                f"rl.rewards.{name} needs each prompt's target item, and rl.prompts=histories has none: "
+                f"use rewards among {', '.join(sorted(TARGET_FREE_REWARDS))}, or rl.prompts=targets"
+            )
+    if rl.advantage == "bgae":
+        raise ValueError("rl.advantage=bgae counts hits of the target item, and rl.prompts=histories has none")
+    return history_prompts(dataset, max_history)
 
 
 def completion_log_probs(model, input_ids, attention_mask, token_ids):
@@ -168,7 +206,7 @@ def batch_columns(
         "items": items,  # (B, G)
         "codes": out.codes.cpu().numpy(),  # (B, G, L)
         "target_item": targets,  # (B,)
-        "target_codes": trie_codes[targets],  # (B, L)
+        "target_codes": np.where(targets[:, None] >= 0, trie_codes[targets], -1),  # (B, L); -1 rows: no target
         "valid": items >= 0,  # (B, G)
     }
     for name, value in extra_columns.items():
@@ -301,7 +339,7 @@ def train_rl(
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=rl.lr, weight_decay=rl.weight_decay)
 
-    prompts = training_prompts(dataset, rl.targets_per_user, cfg.data.max_history)
+    prompts = rl_prompts(dataset, rl, cfg.data.max_history)
     valid = sample_examples(dataset.examples("valid"), rl.eval_users, cfg.seed)
     trie_codes = recommender.trie.codes.cpu().numpy()
     offsets = torch.as_tensor(list(recommender.vocab.offsets), device=device)  # (L,)
@@ -324,7 +362,7 @@ def train_rl(
         input_ids, attention_mask, out = rollout(recommender, histories, rl, generator)
         columns = batch_columns(out, targets, histories, user_ids, trie_codes, extra_columns)
         rewards, parts = combine_rewards(rl.rewards, columns, registry)  # (B, G)
-        hits = columns["items"] == targets[:, None]  # (B, G)
+        hits = (columns["items"] == targets[:, None]) & (targets[:, None] >= 0)  # (B, G)
         advantages = compute_advantages(rl.advantage, rewards, hits, k=rl.bgae_k, scale=rl.scale_rewards)  # (B, G)
         keep = informative_groups(rewards) if rl.dynamic_sampling else np.ones(len(idx), dtype=bool)
 
@@ -332,7 +370,7 @@ def train_rl(
             "step": step,
             "reward": float(rewards.mean()),
             **{f"reward/{name}": float(r.mean()) for name, r in parts.items()},
-            "hit_rate": float(hits.any(axis=1).mean()),
+            **({"hit_rate": float(hits.any(axis=1).mean())} if rl.prompts == "targets" else {}),
             "groups_kept": float(keep.mean()),
         }
         kept = np.flatnonzero(keep)
@@ -357,7 +395,9 @@ def train_rl(
         last = step == rl.steps or over_budget
         run.end_step(row, evaluate=step % rl.eval_every == 0 or last, save=step % rl.save_every == 0 or last)
         bar.update(1)
-        bar.set_postfix(reward=f"{row['reward']:.3f}", hit=f"{row['hit_rate']:.2f}", best=f"{run.best:.4f}")
+        bar.set_postfix(
+            reward=f"{row['reward']:.3f}", hit=f"{row.get('hit_rate', float('nan')):.2f}", best=f"{run.best:.4f}"
+        )
         if over_budget:
             log.info("rl: stopping at the %.1f-minute budget after step %d", rl.max_minutes, step)
             break
