@@ -314,6 +314,15 @@ def test_agent_mode_trains_answers_with_items_and_survives_malformed_output(tmp_
     assert {k: v for k, v in resumed.items() if k != "train_seconds"} == {
         k: v for k, v in straight.items() if k != "train_seconds"
     }
+    with pytest.raises(ValueError, match="use rl.prompts=targets"):
+        train_agent_rl(
+            replace(rl_cfg, rl=replace(rl_cfg.rl, prompts="histories")),
+            dataset,
+            rec,
+            retriever,
+            tmp_path / "c",
+            tmp_path / "cw",
+        )
 
 
 def test_agent_config_errors_name_the_key():

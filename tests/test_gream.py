@@ -370,6 +370,10 @@ def check_reasoning_srpo(rec, dataset, cfg, tmp_path):
         train_reasoning_srpo(
             replace(srpo, rl=replace(srpo.rl, rewards={"rank": 1.0})), dataset, rec, tmp_path / "c", tmp_path / "cw"
         )
+    with pytest.raises(ValueError, match="use rl.prompts=targets"):
+        train_reasoning_srpo(
+            replace(srpo, rl=replace(srpo.rl, prompts="histories")), dataset, rec, tmp_path / "d", tmp_path / "dw"
+        )
 
 
 def test_bench_variants_and_rows(tmp_path):

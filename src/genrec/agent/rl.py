@@ -76,6 +76,11 @@ def train_agent_rl(cfg, dataset: Dataset, recommender, retriever, out_dir: Path,
     from genrec.train.rl_run import RLRun
 
     a = cfg.agent
+    if cfg.rl.prompts != "targets":
+        raise ValueError(
+            f"rl.prompts={cfg.rl.prompts}: the agent's outcome reward scores the final ranking against the target, "
+            "use rl.prompts=targets"
+        )
     model, fmt = recommender.model, recommender.fmt
     agent_fmt = AgentFormat(recommender, dataset.titles, a)
     train = dataset.train_sequences()

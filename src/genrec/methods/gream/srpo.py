@@ -115,6 +115,10 @@ def train_reasoning_srpo(cfg, dataset: Dataset, recommender, out_dir: Path, work
 
     rl, g = cfg.rl, cfg.gream
     check_reward_names(rl.rewards, REWARDS)
+    if rl.prompts != "targets":
+        raise ValueError(
+            f"rl.prompts={rl.prompts}: SRPO's rewards score each rollout against its target, use rl.prompts=targets"
+        )
     if "rank" in rl.rewards:
         raise ValueError("rl.rewards.rank depends on beam order: reasoning rollouts are sampled, use rsvr or exact")
     model, fmt = recommender.model, recommender.fmt
