@@ -74,6 +74,10 @@ REWARD_VARIANTS = {
     # The config's RL (trm_logp on configs/ml-100k.yaml and configs/beauty.yaml) on each user's whole
     # training part as an unlabelled prompt: SASRec never trained on what follows it.
     "histories": ["rl.prompts=histories"],
+    # The group's KL-regularised optimum softmax(ref + reward) distilled by one cross-entropy per
+    # group (genrec.train.losses.listwise_loss) instead of sampled advantages.
+    "listwise": ["rl.loss=listwise"],
+    "listwise-histories": ["rl.loss=listwise", "rl.prompts=histories"],
     # The same in the main job's budget: 20 steps, valid at steps 10 and 20.
     "trm_logp@3e-5x20": ["rl.rewards={trm_logp: 1.0}", "rl.lr=3.0e-5", "rl.steps=20", "rl.eval_every=10"],
 }

@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from genrec.train.losses import k3_kl, policy_loss  # noqa: E402
+from genrec.train.losses import k3_kl, listwise_loss, policy_loss  # noqa: E402
 from genrec.train.rl import completion_log_probs, history_prompts, rl_prompts, training_prompts  # noqa: E402
 
 
@@ -104,6 +104,27 @@ def test_chunked_losses_sum_to_the_batch_loss():
             for c in (slice(0, 4), slice(4, 6))
         )
         torch.testing.assert_close(parts, whole)
+
+
+def test_listwise_loss_literal_and_masking():
+    # One group of two live completions and one padding: target q = softmax(ref + r) over the live two.
+    ref = torch.tensor([[math.log(0.5), math.log(0.5), 0.0]])
+    r = torch.tensor([[math.log(3.0), 0.0, 5.0]])  # q = (0.75, 0.25); the padding's reward must not count
+    live = torch.tensor([[True, True, False]])
+    s = torch.tensor([[0.0, 0.0, 9.0]], requires_grad=True)  # the policy: (0.5, 0.5) over the live two
+    loss, stats = listwise_loss(s, ref, r, live)
+    assert loss.item() == pytest.approx(math.log(2.0))  # -(0.75 + 0.25) log 0.5
+    loss.backward()
+    torch.testing.assert_close(s.grad, torch.tensor([[0.5 - 0.75, 0.5 - 0.25, 0.0]]))
+    assert stats["agreement"] == 1.0  # both top-1s are completion 0 (the policy's by the tie rule)
+    # Two chunks of one group each, weighed by the batch's group count, sum to the whole.
+    s2, ref2, r2 = torch.randn(2, 4), torch.randn(2, 4), torch.randn(2, 4)
+    live2 = torch.ones(2, 4, dtype=torch.bool)
+    whole = listwise_loss(s2, ref2, r2, live2)[0]
+    parts = sum(listwise_loss(s2[c], ref2[c], r2[c], live2[c], num_groups=2)[0] for c in (slice(0, 1), slice(1, 2)))
+    torch.testing.assert_close(parts, whole)
+    with pytest.raises(ValueError, match="listwise"):
+        policy_loss(s2, s2, torch.zeros(2), torch.ones(2, 4), kind="listwise")
 
 
 # --------------------------------------------------------------------------- log-probs and prompts
@@ -263,6 +284,7 @@ def mean_target_log_prob(recommender, prompts) -> float:
         ["rl.rewards={exact: 1.0}"],
         ["rl.rewards={rank: 1.0}", "rl.loss=grpo", "rl.advantage=bgae"],
         ["rl.rewards={rsvr: 1.0}", "rl.rollout=sample", "rl.loss=gspo", "rl.updates_per_rollout=2"],
+        ["rl.rewards={exact: 3.0}", "rl.loss=listwise"],
     ],
 )
 def test_rl_raises_the_likelihood_of_rewarded_targets(tiny_dataset, tmp_path, overrides):
@@ -281,7 +303,8 @@ def test_rl_raises_the_likelihood_of_rewarded_targets(tiny_dataset, tmp_path, ov
     assert summary["steps"] == 12
 
 
-def test_rl_on_unlabelled_histories_follows_a_target_free_reward(tiny_dataset, tmp_path):
+@pytest.mark.parametrize("loss", ["dapo", "listwise"])
+def test_rl_on_unlabelled_histories_follows_a_target_free_reward(tiny_dataset, tmp_path, loss):
     import json
 
     from genrec.train.rl import train_rl
@@ -289,7 +312,9 @@ def test_rl_on_unlabelled_histories_follows_a_target_free_reward(tiny_dataset, t
     # A stand-in for SASRec that puts most of its mass on item 7 whatever the history.
     table = np.full(tiny_dataset.num_items, 0.1 / (tiny_dataset.num_items - 1))
     table[7] = 0.9
-    cfg = rl_config("rl.prompts=histories", "rl.rewards={trm_logp: 1.0}", "rl.steps=12", "rl.eval_every=100")
+    cfg = rl_config(
+        "rl.prompts=histories", "rl.rewards={trm_logp: 1.0}", "rl.steps=12", "rl.eval_every=100", f"rl.loss={loss}"
+    )
     sub = type(tiny_dataset)(tiny_dataset.items, _first_users(tiny_dataset, 8), max_history=5)
     rec = tiny_recommender(sub)
     prompts = history_prompts(sub, 5)

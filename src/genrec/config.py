@@ -407,7 +407,10 @@ class RLConfig:
     # DAPO dynamic sampling: drop groups whose rewards are all equal (they have zero advantage).
     dynamic_sampling: bool = True
     # "grpo" (sequence mean, then batch mean), "dapo" (token mean over the batch) or "gspo"
-    # (sequence-level importance ratio; use a small clip_eps such as 3e-4).
+    # (sequence-level importance ratio; use a small clip_eps such as 3e-4), or "listwise": the
+    # cross-entropy from the group's KL-regularised optimum softmax(ref + rewards) to the policy's
+    # softmax over the group (genrec.train.losses; the reward weights act as 1 / beta; needs the
+    # reference model, which it builds whatever kl_coef; advantages and clipping are unused).
     loss: str = "dapo"
     # "beam" (the group is the beams of a constrained beam search, in beam order) or
     # "sample" (group_size constrained samples at `temperature`).
@@ -454,7 +457,10 @@ class RLConfig:
             self.scale_rewards in ("group", "batch", "none"),
             f"rl.scale_rewards must be 'group', 'batch' or 'none', got {self.scale_rewards!r}",
         )
-        _check(self.loss in ("grpo", "dapo", "gspo"), f"rl.loss must be 'grpo', 'dapo' or 'gspo', got {self.loss!r}")
+        _check(
+            self.loss in ("grpo", "dapo", "gspo", "listwise"),
+            f"rl.loss must be 'grpo', 'dapo', 'gspo' or 'listwise', got {self.loss!r}",
+        )
         _check(self.rollout in ("beam", "sample"), f"rl.rollout must be 'beam' or 'sample', got {self.rollout!r}")
         _check(
             self.prompts in ("targets", "histories"),

@@ -18,6 +18,17 @@ the token-level one (the paper uses 3e-4 / 4e-4).
 SID completions all have L tokens, so ``grpo`` and ``dapo`` weigh tokens identically here;
 they differ for completions of different lengths (reasoning text, masked rows).
 
+Listwise (``listwise_loss``, ``rl.loss=listwise``): the KL-regularised objective
+E[r] - beta KL(pi || pi_ref) has the closed-form optimum pi* ∝ pi_ref exp(r / beta). Restricted
+to a group of G completions, with the reward weights as 1 / beta,
+    q_i = softmax_i(ref_i + r_i),    l = -sum_i q_i log softmax_i(s_i),
+where s_i and ref_i are completion i's sequence log-probs under the policy and the reference:
+the policy's distribution over its own group is pulled onto the optimum's, in one
+cross-entropy, rather than by sampled advantages. With r = lam * log p_SASRec the target is
+the product ensemble pi_ref * p_SASRec^lam that reranking the beams computes
+(bench/bench_rerank_headroom.py). Its gradient in s_i is softmax_i(s) - q_i: zero once the
+group is ordered and spaced as the optimum is.
+
 To accumulate gradients over chunks of a batch, pass the whole batch's ``num_sequences`` and
 ``num_tokens``: each chunk's loss is then its share of the batch loss, and the chunk losses
 sum to it.
@@ -27,7 +38,8 @@ from __future__ import annotations
 
 import torch
 
-LOSSES = ("grpo", "dapo", "gspo")
+POLICY_LOSSES = ("grpo", "dapo", "gspo")  # policy_loss; "listwise" is listwise_loss
+LOSSES = (*POLICY_LOSSES, "listwise")
 
 
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
@@ -72,8 +84,9 @@ def policy_loss(
     ``clip_eps_high`` defaults to ``clip_eps`` (DAPO's clip-higher uses a larger one);
     ``dual_clip`` > 1 bounds the loss of negative-advantage tokens (0 disables).
     """
-    if kind not in LOSSES:
-        raise ValueError(f"rl.loss must be one of {LOSSES}, got {kind!r}")
+    if kind not in POLICY_LOSSES:
+        hint = " (listwise scores whole groups: genrec.train.losses.listwise_loss)" if kind == "listwise" else ""
+        raise ValueError(f"rl.loss must be one of {POLICY_LOSSES} here, got {kind!r}{hint}")
     if logp.shape != old_logp.shape or logp.shape != mask.shape or advantages.shape != logp.shape[:1]:
         raise ValueError(
             f"shapes disagree: logp {tuple(logp.shape)}, old_logp {tuple(old_logp.shape)}, mask {tuple(mask.shape)} "
@@ -114,3 +127,40 @@ def policy_loss(
         "ratio": mean_ratio,
     }
     return loss, stats
+
+
+def listwise_loss(
+    seq_logp: torch.Tensor,
+    ref_seq_logp: torch.Tensor,
+    rewards: torch.Tensor,
+    live: torch.Tensor,
+    num_groups: int | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Cross-entropy from the group's KL-regularised optimum softmax(ref + r) to softmax(seq_logp).
+
+    seq_logp (K, G) the policy's sequence log-probs (with grad), ref_seq_logp (K, G) the
+    reference's, rewards (K, G), live (K, G) False for padding completions (left out of both
+    softmaxes). Returns the loss (the mean over ``num_groups`` groups, default K, so chunk losses
+    sum to the batch's) and ``agreement``: the share of groups whose policy top-1 is the target's.
+
+    A policy already at the optimum has zero gradient:
+
+    >>> ref = torch.tensor([[-1.0, -2.0, -3.0]]); r = torch.tensor([[0.0, 1.5, 0.0]])
+    >>> s = (ref + r).clone().requires_grad_(True)
+    >>> loss, st = listwise_loss(s, ref, r, torch.ones(1, 3, dtype=torch.bool)); loss.backward()
+    >>> float(s.grad.abs().max()) < 1e-7, st["agreement"]
+    (True, 1.0)
+    """
+    if not (seq_logp.shape == ref_seq_logp.shape == rewards.shape == live.shape) or seq_logp.dim() != 2:
+        raise ValueError(
+            f"shapes disagree: seq_logp {tuple(seq_logp.shape)}, ref_seq_logp {tuple(ref_seq_logp.shape)}, "
+            f"rewards {tuple(rewards.shape)}, live {tuple(live.shape)} must all be (K, G)"
+        )
+    neg = torch.finfo(seq_logp.dtype).min
+    target_logits = torch.where(live, ref_seq_logp.to(seq_logp.dtype) + rewards.to(seq_logp.dtype), neg)
+    q = torch.softmax(target_logits, dim=1).detach()  # (K, G)
+    log_p = torch.log_softmax(torch.where(live, seq_logp, neg), dim=1)  # (K, G)
+    per_group = -(q * torch.where(live, log_p, 0.0)).sum(dim=1)  # (K,)
+    loss = per_group.sum() / max(num_groups or len(per_group), 1)
+    agreement = (log_p.argmax(dim=1) == q.argmax(dim=1)).float().mean().item() if len(per_group) else 1.0
+    return loss, {"agreement": agreement}

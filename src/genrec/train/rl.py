@@ -244,21 +244,29 @@ def sample_examples(examples: Examples, num: int, seed: int) -> Examples:
     )
 
 
-def policy_update(model, reference, opt, rl, input_ids, attention_mask, token_ids, advantages, offsets) -> dict:
+def policy_update(
+    model, reference, opt, rl, input_ids, attention_mask, token_ids, advantages, offsets, rewards=None
+) -> dict:
     """``rl.updates_per_rollout`` optimiser steps on K groups; the logged statistics of the last.
 
     input_ids, attention_mask (K, T): the prompts; token_ids (K, G, L): their completions
-    (-1 for beam padding, left out of the loss); advantages (K, G); offsets (L,) the SID offsets.
+    (-1 for beam padding, left out of the loss); advantages (K, G); offsets (L,) the SID offsets;
+    rewards (K, G), which ``rl.loss=listwise`` uses instead of the advantages.
     """
     import torch
 
-    from genrec.train.losses import policy_loss
+    from genrec.train.losses import k3_kl, listwise_loss, policy_loss
+
+    if rl.loss == "listwise" and (reference is None or rewards is None):
+        raise ValueError("rl.loss=listwise needs the reference model and the rewards")
 
     k, g, num_levels = token_ids.shape
     live = (token_ids >= 0).all(dim=2)  # (K, G)
     tokens = torch.where(token_ids >= 0, token_ids, offsets)  # any real id where padding: the row is masked
     mask = live.unsqueeze(-1).expand_as(tokens).float()  # (K, G, L)
     adv = torch.as_tensor(advantages, dtype=torch.float32, device=input_ids.device)  # (K, G)
+    if rewards is not None:
+        rewards = torch.as_tensor(rewards, dtype=torch.float32, device=input_ids.device)  # (K, G)
     micro = rl.micro_batch_size or rl.batch_size
     chunks = [slice(s, s + micro) for s in range(0, k, micro)]  # groups per forward/backward
     num_seq, num_tok = int(live.sum()), int(mask.sum())
@@ -277,20 +285,30 @@ def policy_update(model, reference, opt, rl, input_ids, attention_mask, token_id
         for i, c in enumerate(chunks):
             logp = log_probs(model, c)
             chunk_mask = mask[c].reshape(-1, num_levels)  # (k_c * G, L)
-            loss, st = policy_loss(
-                logp,
-                old[i] if old is not None else logp.detach(),
-                adv[c].reshape(-1),
-                chunk_mask,
-                kind=rl.loss,
-                clip_eps=rl.clip_eps,
-                clip_eps_high=rl.clip_eps_high or None,
-                dual_clip=rl.dual_clip,
-                ref_logp=ref[i],
-                kl_coef=rl.kl_coef,
-                num_sequences=num_seq,
-                num_tokens=num_tok,
-            )
+            if rl.loss == "listwise":
+                per_seq = (logp * chunk_mask).sum(dim=1).reshape(-1, g)  # (k_c, G) sequence log-probs
+                ref_seq = (ref[i] * chunk_mask).sum(dim=1).reshape(-1, g)
+                loss, st = listwise_loss(per_seq, ref_seq, rewards[c], live[c], num_groups=k)
+                kl = (k3_kl(logp, ref[i]) * chunk_mask).sum()
+                loss = loss + rl.kl_coef * kl / max(num_tok, 1)
+                st.update(kl=kl.item() / max(float(chunk_mask.sum()), 1.0), clip_frac=0.0, ratio=1.0)
+                stats.setdefault("agreement", 0.0)
+                stats["agreement"] += st["agreement"] * len(per_seq) / k
+            else:
+                loss, st = policy_loss(
+                    logp,
+                    old[i] if old is not None else logp.detach(),
+                    adv[c].reshape(-1),
+                    chunk_mask,
+                    kind=rl.loss,
+                    clip_eps=rl.clip_eps,
+                    clip_eps_high=rl.clip_eps_high or None,
+                    dual_clip=rl.dual_clip,
+                    ref_logp=ref[i],
+                    kl_coef=rl.kl_coef,
+                    num_sequences=num_seq,
+                    num_tokens=num_tok,
+                )
             loss.backward()  # each chunk's loss is its share of the batch loss
             stats["loss"] += loss.item()
             share = float(chunk_mask.sum()) / max(num_tok, 1)
@@ -333,7 +351,7 @@ def train_rl(
     model.eval()  # dropout off for rollouts and updates alike
     device = _model_device(model)
     reference = None
-    if rl.kl_coef > 0:
+    if rl.kl_coef > 0 or rl.loss == "listwise":  # listwise's target is pi_ref * exp(reward)
         reference = copy.deepcopy(model).eval()
         reference.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -386,6 +404,7 @@ def train_rl(
                     out.token_ids[kept],
                     advantages[kept],
                     offsets,
+                    rewards=rewards[kept],
                 )
             )
         else:  # no informative group: nothing to learn from this batch

@@ -115,6 +115,10 @@ def train_reasoning_srpo(cfg, dataset: Dataset, recommender, out_dir: Path, work
 
     rl, g = cfg.rl, cfg.gream
     check_reward_names(rl.rewards, REWARDS)
+    if rl.loss == "listwise":
+        raise ValueError(
+            "rl.loss=listwise needs beam groups scored by their reference log-probs: SRPO's rollouts are reasoning samples, use grpo, dapo or gspo"
+        )
     if rl.prompts != "targets":
         raise ValueError(
             f"rl.prompts={rl.prompts}: SRPO's rewards score each rollout against its target, use rl.prompts=targets"
