@@ -50,10 +50,10 @@ DEEPINTEREST = [
 ]
 # Every variant's RL as DeepInterestGR was measured: the rank reward (MLIM's variants add the
 # interest terms) at lr 1e-5, from before configs/ml-100k.yaml and configs/beauty.yaml moved to
-# trm_logp at lr 3e-5: on ml-100k 30 steps, on beauty 40 with valid on 1000 users every 10.
-RANK_RL = ["rl.rewards={rank: 1.0}", "rl.lr=1.0e-5"]
+# SASRec-teacher RL: valid every 10 steps; on ml-100k 30 steps, on beauty 40 with valid on 1000 users.
+RANK_RL = ["rl.rewards={rank: 1.0}", "rl.lr=1.0e-5", "rl.loss=dapo", "rl.prompts=targets"]
 DATASET_OVERRIDES = {
-    "ml-100k": [*RANK_RL, "rl.steps=30"],
+    "ml-100k": [*RANK_RL, "rl.steps=30", "rl.eval_every=10"],
     "beauty": [*RANK_RL, "rl.steps=40", "rl.eval_every=10", "rl.eval_users=1000", "rl.max_minutes=8"],
 }
 FULL_STAGES = "stages=[prepare, popularity, sasrec, interests, rldi, text, embed, sid, sft, eval, rl]"
