@@ -40,24 +40,29 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"ml-100k": "configs/ml-100k.yaml", "beauty": "configs/beauty.yaml", "scientific": "configs/scientific.yaml"}
 STAGES = "stages=[prepare, popularity, sasrec, text, embed, sid, sft, eval, rl]"
 # variant -> rl overrides. The config's own rewards are the main run's ("config").
+# The variants measured before the configs moved to the listwise loss on unlabelled histories
+# (2026-12-04) pin the GRPO loss on target prompts, and the lr they ran at; the configs' steps.
+GRPO = ["rl.loss=dapo", "rl.prompts=targets"]
+TRM_LOGP = "rl.rewards={trm_logp: 1.0}"  # the ml-100k and beauty configs' reward; scientific's is rank
 REWARD_VARIANTS = {
-    "rank": ["rl.rewards={rank: 1.0}"],
-    "exact": ["rl.rewards={exact: 1.0}"],
-    "rsvr": ["rl.rewards={rsvr: 1.0}"],
-    "rank+semantic": ["rl.rewards={rank: 1.0, semantic: 0.2}"],
-    "rank+trm": ["rl.rewards={rank: 1.0, trm: 100.0}"],
+    "rank": [*GRPO, "rl.rewards={rank: 1.0}", "rl.lr=1.0e-5"],
+    "exact": [*GRPO, "rl.rewards={exact: 1.0}", "rl.lr=1.0e-5"],
+    "rsvr": [*GRPO, "rl.rewards={rsvr: 1.0}", "rl.lr=1.0e-5"],
+    "rank+semantic": [*GRPO, "rl.rewards={rank: 1.0, semantic: 0.2}", "rl.lr=1.0e-5"],
+    "rank+trm": [*GRPO, "rl.rewards={rank: 1.0, trm: 100.0}", "rl.lr=1.0e-5"],
     # The SASRec baseline's probability: dense (every group informative), so a 10x larger step
     # (docs/rl.md: +9.5% test NDCG@10 on one ML-100K seed).
-    "trm@1e-4": ["rl.rewards={trm: 1.0}", "rl.lr=1.0e-4"],
+    "trm@1e-4": [*GRPO, "rl.rewards={trm: 1.0}", "rl.lr=1.0e-4"],
     # The same, with advantages scaled by the batch's reward std instead of each group's: a group
     # where SASRec barely prefers one beam over another then moves the model little.
-    "trm-batch@1e-4": ["rl.rewards={trm: 1.0}", "rl.lr=1.0e-4", "rl.scale_rewards=batch"],
+    "trm-batch@1e-4": [*GRPO, "rl.rewards={trm: 1.0}", "rl.lr=1.0e-4", "rl.scale_rewards=batch"],
     # At 1e-4 valid peaks by step 10 and falls as KL grows: a third of the step, evaluated twice as often.
-    "trm@3e-5": ["rl.rewards={trm: 1.0}", "rl.lr=3.0e-5", "rl.eval_every=5"],
+    "trm@3e-5": [*GRPO, "rl.rewards={trm: 1.0}", "rl.lr=3.0e-5", "rl.eval_every=5"],
     # rank at 1e-5 is still rising at its last step with KL 2e-4: a 5x larger step.
-    "rank@5e-5": ["rl.rewards={rank: 1.0}", "rl.lr=5.0e-5", "rl.eval_every=5"],
+    "rank@5e-5": [*GRPO, "rl.rewards={rank: 1.0}", "rl.lr=5.0e-5", "rl.eval_every=5"],
     # SASRec's log-probability: the KL-regularised optimum is the product ensemble of SFT and SASRec.
     "trm_logp@1e-4": [
+        *GRPO,
         "rl.rewards={trm_logp: 1.0}",
         "rl.lr=1.0e-4",
         "rl.steps=40",
@@ -65,22 +70,33 @@ REWARD_VARIANTS = {
         "rl.max_minutes=10",
     ],
     "trm_logp@3e-5": [
+        *GRPO,
         "rl.rewards={trm_logp: 1.0}",
         "rl.lr=3.0e-5",
         "rl.steps=60",
         "rl.eval_every=5",
         "rl.max_minutes=12",
     ],
-    # The config's RL (trm_logp on configs/ml-100k.yaml and configs/beauty.yaml) on each user's whole
-    # training part as an unlabelled prompt: SASRec never trained on what follows it.
-    "histories": ["rl.prompts=histories"],
+    # The configs' RL until 2026-12-04: trm_logp under the GRPO loss at lr 3e-5 on target prompts
+    # (the configs' steps; valid every 5).
+    "grpo@3e-5": [TRM_LOGP, *GRPO, "rl.lr=3.0e-5", "rl.eval_every=5"],
+    # The same on each user's whole training part as an unlabelled prompt: SASRec never trained on
+    # what follows it.
+    "histories": [TRM_LOGP, "rl.loss=dapo", "rl.prompts=histories", "rl.lr=3.0e-5", "rl.eval_every=5"],
     # The group's KL-regularised optimum softmax(ref + reward) distilled by one cross-entropy per
     # group (genrec.train.losses.listwise_loss) instead of sampled advantages. A supervised target,
-    # not a noisy advantage: at the config's lr 3e-5 its loss barely moved in 20 steps (ML-100K seed 1).
-    "listwise@3e-4": ["rl.loss=listwise", "rl.lr=3.0e-4", "rl.eval_every=5"],
-    "listwise-histories@3e-4": ["rl.loss=listwise", "rl.prompts=histories", "rl.lr=3.0e-4", "rl.eval_every=5"],
-    # The same in the main job's budget: 20 steps, valid at steps 10 and 20.
-    "trm_logp@3e-5x20": ["rl.rewards={trm_logp: 1.0}", "rl.lr=3.0e-5", "rl.steps=20", "rl.eval_every=10"],
+    # not a noisy advantage: at lr 3e-5 its loss barely moved in 20 steps (ML-100K seed 1).
+    "listwise@3e-4": [TRM_LOGP, "rl.loss=listwise", "rl.prompts=targets", "rl.lr=3.0e-4", "rl.eval_every=5"],
+    # The configs' RL since 2026-12-04 (configs/ml-100k.yaml, configs/beauty.yaml).
+    "listwise-histories@3e-4": [
+        TRM_LOGP,
+        "rl.loss=listwise",
+        "rl.prompts=histories",
+        "rl.lr=3.0e-4",
+        "rl.eval_every=5",
+    ],
+    # trm_logp@3e-5 in the main job's budget: 20 steps, valid at steps 10 and 20.
+    "trm_logp@3e-5x20": [*GRPO, "rl.rewards={trm_logp: 1.0}", "rl.lr=3.0e-5", "rl.steps=20", "rl.eval_every=10"],
 }
 
 

@@ -473,3 +473,22 @@ def test_rl_run_keeps_step_0_and_resumes_a_checkpoint_that_held_its_best_weights
     out = resumed.finish(Saver(), tmp_path / "out2")
     assert out["best_step"] == 1 and out["sft_valid_ndcg@10"] is None
     assert all(torch.equal(model.state_dict()[n], w) for n, w in best.items())
+
+
+def test_every_bench_reward_variant_loads_on_every_dataset_config(tiny_dataset):
+    """A variant that a config change left invalid (say a target reward on unlabelled prompts)
+    fails here, not an hour into a benchmark."""
+    from pathlib import Path
+
+    from conftest import load_bench
+    from genrec.config import load_config
+
+    bench = load_bench("bench_generative")
+    root = Path(__file__).resolve().parents[1]
+    for dataset, path in bench.CONFIGS.items():
+        for variant, overrides in bench.REWARD_VARIANTS.items():
+            cfg = load_config(root / path, ["run_dir=x", *overrides])
+            try:
+                rl_prompts(tiny_dataset, cfg.rl, 5)  # raises for rewards the prompts cannot score
+            except ValueError as err:
+                raise AssertionError(f"{dataset} {variant}: {err}") from err
