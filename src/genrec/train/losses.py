@@ -38,8 +38,7 @@ from __future__ import annotations
 
 import torch
 
-POLICY_LOSSES = ("grpo", "dapo", "gspo")  # policy_loss; "listwise" is listwise_loss
-LOSSES = (*POLICY_LOSSES, "listwise")
+POLICY_LOSSES = ("grpo", "dapo", "gspo")  # policy_loss; rl.loss "listwise" is listwise_loss
 
 
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
