@@ -95,6 +95,16 @@ REWARD_VARIANTS = {
         "rl.lr=3.0e-4",
         "rl.eval_every=5",
     ],
+    # The config's RL for twice the steps: valid was still rising at the last step.
+    "listwise-histories@3e-4x2": [
+        TRM_LOGP,
+        "rl.loss=listwise",
+        "rl.prompts=histories",
+        "rl.lr=3.0e-4",
+        "rl.eval_every=5",
+        "rl.steps=40",
+        "rl.max_minutes=8",
+    ],
     # trm_logp@3e-5 in the main job's budget: 20 steps, valid at steps 10 and 20.
     "trm_logp@3e-5x20": [*GRPO, "rl.rewards={trm_logp: 1.0}", "rl.lr=3.0e-5", "rl.steps=20", "rl.eval_every=10"],
 }
