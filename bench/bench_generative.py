@@ -44,6 +44,7 @@ STAGES = "stages=[prepare, popularity, sasrec, text, embed, sid, sft, eval, rl]"
 # (2026-12-04) pin the GRPO loss on target prompts, and the lr they ran at; the configs' steps.
 GRPO = ["rl.loss=dapo", "rl.prompts=targets"]
 TRM_LOGP = "rl.rewards={trm_logp: 1.0}"  # the ml-100k and beauty configs' reward; scientific's is rank
+LISTWISE_HISTORIES = [TRM_LOGP, "rl.loss=listwise", "rl.prompts=histories", "rl.lr=3.0e-4", "rl.eval_every=5"]
 REWARD_VARIANTS = {
     "rank": [*GRPO, "rl.rewards={rank: 1.0}", "rl.lr=1.0e-5"],
     "exact": [*GRPO, "rl.rewards={exact: 1.0}", "rl.lr=1.0e-5"],
@@ -63,7 +64,7 @@ REWARD_VARIANTS = {
     # SASRec's log-probability: the KL-regularised optimum is the product ensemble of SFT and SASRec.
     "trm_logp@1e-4": [
         *GRPO,
-        "rl.rewards={trm_logp: 1.0}",
+        TRM_LOGP,
         "rl.lr=1.0e-4",
         "rl.steps=40",
         "rl.eval_every=5",
@@ -71,7 +72,7 @@ REWARD_VARIANTS = {
     ],
     "trm_logp@3e-5": [
         *GRPO,
-        "rl.rewards={trm_logp: 1.0}",
+        TRM_LOGP,
         "rl.lr=3.0e-5",
         "rl.steps=60",
         "rl.eval_every=5",
@@ -88,25 +89,12 @@ REWARD_VARIANTS = {
     # not a noisy advantage: at lr 3e-5 its loss barely moved in 20 steps (ML-100K seed 1).
     "listwise@3e-4": [TRM_LOGP, "rl.loss=listwise", "rl.prompts=targets", "rl.lr=3.0e-4", "rl.eval_every=5"],
     # The configs' RL since 2026-12-04 (configs/ml-100k.yaml, configs/beauty.yaml).
-    "listwise-histories@3e-4": [
-        TRM_LOGP,
-        "rl.loss=listwise",
-        "rl.prompts=histories",
-        "rl.lr=3.0e-4",
-        "rl.eval_every=5",
-    ],
-    # The config's RL for twice the steps: valid was still rising at the last step.
-    "listwise-histories@3e-4x2": [
-        TRM_LOGP,
-        "rl.loss=listwise",
-        "rl.prompts=histories",
-        "rl.lr=3.0e-4",
-        "rl.eval_every=5",
-        "rl.steps=40",
-        "rl.max_minutes=8",
-    ],
+    "listwise-histories@3e-4": LISTWISE_HISTORIES,
+    # The same for 40 steps: twice ML-100K's 20 (valid was still rising at the last step); Beauty's
+    # config already runs 40.
+    "listwise-histories@3e-4x2": [*LISTWISE_HISTORIES, "rl.steps=40", "rl.max_minutes=8"],
     # trm_logp@3e-5 in the main job's budget: 20 steps, valid at steps 10 and 20.
-    "trm_logp@3e-5x20": [*GRPO, "rl.rewards={trm_logp: 1.0}", "rl.lr=3.0e-5", "rl.steps=20", "rl.eval_every=10"],
+    "trm_logp@3e-5x20": [*GRPO, TRM_LOGP, "rl.lr=3.0e-5", "rl.steps=20", "rl.eval_every=10"],
 }
 
 
