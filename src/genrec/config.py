@@ -346,6 +346,11 @@ class SFTConfig:
     max_text_tokens: int = 48
     # "auto" (bf16 on a GPU that supports it, else none), "no", "bf16" or "fp16".
     mixed_precision: str = "auto"
+    # Knowledge distillation from the run's SASRec (stage sasrec) into the seqrec targets:
+    # loss = CE + distill * tau^2 * KL(SASRec's per-SID-level distribution || the model's),
+    # tau = distill_temperature (genrec.train.distill, docs/sft.md). 0 trains on labels alone.
+    distill: float = 0.0
+    distill_temperature: float = 1.0
 
     def __post_init__(self) -> None:
         _check(bool(self.tasks), "sft.tasks must name at least one task, e.g. {seqrec: 1.0}")
@@ -375,6 +380,8 @@ class SFTConfig:
             self.text_history >= 1 and self.max_text_tokens >= 1,
             "sft.text_history and sft.max_text_tokens must be >= 1",
         )
+        _check(self.distill >= 0, f"sft.distill must be >= 0 (0 = no distillation), got {self.distill}")
+        _check(self.distill_temperature > 0, f"sft.distill_temperature must be > 0, got {self.distill_temperature}")
         _check(
             self.mixed_precision in ("auto", "no", "bf16", "fp16"),
             f"sft.mixed_precision must be 'auto', 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}",

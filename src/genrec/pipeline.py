@@ -31,7 +31,12 @@ log = logging.getLogger("genrec")
 # Config keys added after runs were made with the behaviour of their default: at that default
 # they stay out of every stage's config hash, so a finished stage from before the key existed
 # is still finished. Any other value enters the hash as usual.
-ADDED_KEYS: dict[str, Any] = {"rl.scale_rewards": "group", "rl.prompts": "targets"}
+ADDED_KEYS: dict[str, Any] = {
+    "rl.scale_rewards": "group",
+    "rl.prompts": "targets",
+    "sft.distill": 0.0,
+    "sft.distill_temperature": 1.0,
+}
 
 
 @dataclass(frozen=True)
@@ -66,8 +71,10 @@ def text_inputs(cfg: RunConfig) -> tuple[str, ...]:
 
 
 def sft_inputs(cfg: RunConfig) -> tuple[str, ...]:
-    """``rldi`` when ``sft.tasks`` trains ``interest2sid`` (it reads the labelled prefix interests)."""
-    return ("rldi",) if cfg.sft.tasks.get("interest2sid", 0) > 0 else ()
+    """``rldi`` when ``sft.tasks`` trains ``interest2sid`` (it reads the labelled prefix interests),
+    ``sasrec`` when ``sft.distill`` > 0 (the teacher)."""
+    extra = ("rldi",) if cfg.sft.tasks.get("interest2sid", 0) > 0 else ()
+    return extra + (("sasrec",) if cfg.sft.distill > 0 else ())
 
 
 def stage_inputs(stage: Stage, cfg: RunConfig) -> tuple[str, ...]:

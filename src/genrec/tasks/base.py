@@ -26,6 +26,10 @@ class Example:
     input_ids: np.ndarray  # (T,) int64
     labels: np.ndarray  # (T,) int64: the token to predict at this position, -100 = no loss
     user: int = -1  # the user whose training sequence it comes from; -1 for item-level tasks
+    # seqrec: the window's items, whose SIDs from items[target_from] on are exactly the labels
+    # (what sft.distill needs to ask SASRec about the same histories); None for other tasks.
+    items: np.ndarray | None = None
+    target_from: int = 0
 
 
 class ExampleSet(Protocol):

@@ -60,7 +60,7 @@ class SeqRecTask:
         labels = np.full_like(ids, -100)
         first = len(self.head) + (loss_from - start) * self.data.num_levels
         labels[first:] = ids[first:]
-        return Example(ids, labels, user)
+        return Example(ids, labels, user, items=items, target_from=int(loss_from - start))
 
 
 def build(data: TaskData, fmt: PromptFormat) -> SeqRecTask:

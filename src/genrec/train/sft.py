@@ -47,20 +47,43 @@ log = logging.getLogger("genrec")
 class NextTokenLoss(torch.nn.Module):
     """Mean cross-entropy of the labelled next tokens; the LM head runs on labelled positions only.
 
-    Wrapping the LM in one module lets DDP see the whole forward pass.
+    With ``distill`` (``SASRecTeacher.batch``: positions among the labelled ones, their SID
+    levels and the teacher's per-level targets), ``distill_weight`` times the distillation
+    term of ``genrec.train.distill`` is added. Wrapping the LM in one module lets DDP see
+    the whole forward pass.
     """
 
-    def __init__(self, lm):
+    def __init__(self, lm, distill_weight: float = 0.0, distill_temperature: float = 1.0):
         super().__init__()
         self.lm = lm
+        self.distill_weight, self.distill_temperature = distill_weight, distill_temperature
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        distill: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         base = unwrap_model(self.lm)
         hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
         target = labels[:, 1:]  # (B, T-1): position p predicts token p + 1
         keep = target != -100
         logits = base.get_output_embeddings()(hidden[:, :-1][keep])  # (P, V)
-        return F.cross_entropy(logits.float(), target[keep])
+        loss = F.cross_entropy(logits.float(), target[keep])
+        if distill is not None and self.distill_weight > 0:
+            from genrec.train.distill import distill_loss
+
+            kd = distill_loss(
+                logits[distill["kd_positions"]],
+                distill["level_token_ids"],
+                distill["level_mask"],
+                distill["kd_levels"],
+                distill["kd_targets"],
+                self.distill_temperature,
+            )
+            loss = loss + self.distill_weight * kd
+        return loss
 
 
 def token_batches(lengths: np.ndarray, batch_tokens: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -207,13 +230,15 @@ def train_sft(
     work_dir: str | Path,
     extra_tasks: dict[str, Callable] | None = None,
     on_epoch_end: Callable[[dict, object], None] | None = None,
+    teacher=None,
 ) -> dict:
     """Train, keep the best valid NDCG@10 weights, and save the recommender to ``out_dir/model``.
 
     ``codes`` (N, L) are the items' SIDs, ``item_texts`` their composed texts (item_id order).
     ``extra_tasks`` adds task builders to ``genrec.tasks.TASKS`` for this call.
     ``on_epoch_end(row, model)`` runs in every process after each epoch's checkpoint is
-    written, with the row of ``curves.jsonl`` and the (unwrapped) causal LM. Resumes from ``work_dir`` when it holds a checkpoint. Writes
+    written, with the row of ``curves.jsonl`` and the (unwrapped) causal LM. ``teacher``, a
+    trained ``SASRec`` of the same dataset, is required when ``sft.distill`` > 0. Resumes from ``work_dir`` when it holds a checkpoint. Writes
     ``out_dir/model``, ``curves.jsonl`` and ``train_summary.json``; returns the summary.
     """
     from accelerate import Accelerator
@@ -234,6 +259,10 @@ def train_sft(
         raise ConfigError(f"sft.tasks: unknown task {unknown[0]!r}; known tasks: {', '.join(sorted(builders))}")
     task_names = [t for t, w in sft.tasks.items() if w > 0]
     codes = _check_codes(codes, dataset.num_items)
+    if sft.distill > 0 and teacher is None:
+        raise ConfigError("sft.distill > 0 needs the SASRec teacher, which only the 'sft' stage loads")
+    if sft.distill > 0 and "seqrec" not in task_names:
+        raise ConfigError("sft.distill > 0 distils the seqrec task's targets: add seqrec to sft.tasks")
     if len(item_texts) != dataset.num_items:
         raise ValueError(f"{len(item_texts)} item texts for {dataset.num_items} items: rerun the 'text' stage")
     codebook_sizes = (codes.max(axis=0) + 1).tolist()
@@ -291,7 +320,13 @@ def train_sft(
         [{"params": decay, "weight_decay": sft.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=sft.lr
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(sft.schedule, sft.warmup_steps, total_steps))
-    loss_module, optimizer = accelerator.prepare(NextTokenLoss(model), optimizer)
+    distiller = None
+    if sft.distill > 0:
+        from genrec.train.distill import SASRecTeacher
+
+        distiller = SASRecTeacher(teacher, codes, data.sid_ids, sft.distill_temperature).to(accelerator.device)
+    loss_module = NextTokenLoss(model, sft.distill, sft.distill_temperature)
+    loss_module, optimizer = accelerator.prepare(loss_module, optimizer)
     # Stepped once per optimizer step (accelerate's scheduler wrapper would step once per process).
     accelerator.register_for_checkpointing(scheduler)
     lm = accelerator.unwrap_model(loss_module).lm
@@ -342,7 +377,10 @@ def train_sft(
             disable=not accelerator.is_main_process,
         )
         for batch in bar:
-            inputs = collate([sets[s][i] for s, i in rows[batch]], backbone.fmt.pad_id, accelerator.device)
+            examples = [sets[s][i] for s, i in rows[batch]]
+            inputs = collate(examples, backbone.fmt.pad_id, accelerator.device)
+            if distiller is not None:
+                inputs["distill"] = distiller.batch(examples, [int((e.labels[1:] != -100).sum()) for e in examples])
             with accelerator.autocast():
                 loss = loss_module(**inputs)
             accelerator.backward(loss)
@@ -514,6 +552,18 @@ def run(ctx) -> dict:
 
         prefix = pd.read_parquet(ctx.input("rldi") / "prefix_user_interests.parquet")
         extra_tasks["interest2sid"] = interest_task_builder(prefix)
+    teacher = None
+    if cfg.sft.distill > 0:  # the SASRec of the same run directory (genrec.pipeline.sft_inputs)
+        from genrec.baselines.sasrec import SASRec
+
+        teacher = SASRec.load(ctx.input("sasrec") / "model.pt")
     return train_sft(
-        cfg, dataset, codes, texts["text"].astype(str).tolist(), ctx.out, ctx.work, extra_tasks=extra_tasks
+        cfg,
+        dataset,
+        codes,
+        texts["text"].astype(str).tolist(),
+        ctx.out,
+        ctx.work,
+        extra_tasks=extra_tasks,
+        teacher=teacher,
     )
