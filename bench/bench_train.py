@@ -16,7 +16,13 @@ The matmul rate is the best of ``torch.mm`` on fp32 squares (1024, 2048) and on 
 model's own largest shape (batch tokens x hidden @ hidden x intermediate), each run
 for about 2 s. Model FLOP/s over that rate is the model's FLOPs utilisation (MFU).
 
+With ``--distill-items N`` it also times the step with ``sft.distill`` in the same run: a
+SASRec teacher of the config's ``sasrec.*`` sizes over N items with random SIDs (random
+weights: the cost does not depend on them) scores every window's targets, and the KL term
+joins the loss (``genrec.train.distill``). The ratio of the two medians is the overhead.
+
     python bench/bench_train.py --config configs/ml-100k.yaml
+    python bench/bench_train.py --config configs/beauty.yaml --distill-items 12101 --out /tmp/train.md
 """
 
 from __future__ import annotations
@@ -72,6 +78,7 @@ def main() -> None:
     p.add_argument("--config", default="configs/ml-100k.yaml")
     p.add_argument("--steps", type=int, default=20, help="timed steps, after 3 warm-up steps")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--distill-items", type=int, default=0, help="also time sft.distill over this many items")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "train.md"))
     args = p.parse_args()
     if args.threads:
@@ -95,21 +102,47 @@ def main() -> None:
     labels[:, : 2 + levels] = -100  # <bos><task> and the first item are never targets
     attention_mask = torch.ones_like(input_ids)
 
-    def step() -> None:
-        loss = loss_module(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    def step(distiller=None) -> None:
+        distill = None
+        if distiller is not None:  # as genrec.train.sft does it: the teacher's targets, then the loss
+            distill = distiller.batch(examples, [rows_labelled] * rows)
+        loss = (kd_module if distiller is not None else loss_module)(
+            input_ids=input_ids, attention_mask=attention_mask, labels=labels, distill=distill
+        )
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for _ in range(3):
-        step()
-    times = []
-    for _ in range(args.steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    seconds = float(np.median(times))
+    def median_seconds(distiller=None) -> float:
+        for _ in range(3):
+            step(distiller)
+        times = []
+        for _ in range(args.steps):
+            start = time.perf_counter()
+            step(distiller)
+            times.append(time.perf_counter() - start)
+        return float(np.median(times))
+
+    seconds = median_seconds()
+    kd_seconds = None
+    if args.distill_items:
+        from genrec.baselines.sasrec import SASRec
+        from genrec.tasks.base import Example
+        from genrec.train.distill import SASRecTeacher
+
+        n_items, sizes = args.distill_items, [cfg.sid.codebook_size] * cfg.sid.levels + [8] * (levels - cfg.sid.levels)
+        codes = np.stack([np.random.default_rng(level).integers(0, k, n_items) for level, k in enumerate(sizes)], 1)
+        s = cfg.sasrec
+        sasrec = SASRec(n_items, cfg.data.max_history, s.hidden_size, s.num_layers, s.num_heads, s.dropout)
+        distiller = SASRecTeacher(sasrec, codes, codes + specials)
+        rows_labelled = cfg.data.max_history * levels
+        items = np.random.default_rng(1).integers(0, n_items, (rows, cfg.data.max_history + 1))
+        examples = [
+            Example(input_ids[r].numpy(), labels[r].numpy(), r, items=items[r], target_from=1) for r in range(rows)
+        ]
+        kd_module = NextTokenLoss(model, distill_weight=1.0).train()
+        kd_seconds = median_seconds(distiller)
 
     embedding = model.get_input_embeddings().weight.numel()
     non_embedding = sum(p.numel() for p in model.parameters()) - embedding
@@ -148,8 +181,14 @@ def main() -> None:
         f"| model GFLOP/s (analytic, fwd + bwd) | {model_flops / 1e9:.1f} |",
         *[f"| matmul GFLOP/s, {name} | {rate / 1e9:.1f} |" for name, rate in rates.items()],
         f"| model FLOPs utilisation (model / best matmul) | {model_flops / peak:.1%} |",
-        "",
     ]
+    if kd_seconds is not None:
+        lines += [
+            f"| SFT step with `sft.distill` ({args.distill_items:,} items, median of {args.steps}) | "
+            f"{kd_seconds * 1000:.0f} ms |",
+            f"| distillation overhead (step time ratio, same run) | {kd_seconds / seconds:.2f}x |",
+        ]
+    lines.append("")
     text = "\n".join(lines)
     print(text)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
