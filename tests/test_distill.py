@@ -13,7 +13,7 @@ from conftest import TINY_GENERATIVE  # noqa: E402
 from genrec.baselines.sasrec import SASRec  # noqa: E402
 from genrec.config import ConfigError, load_config  # noqa: E402
 from genrec.tasks.base import Example  # noqa: E402
-from genrec.train.distill import SASRecTeacher, distill_loss, level_targets, prefix_ids  # noqa: E402
+from genrec.train.distill import SASRecTeacher, TriePaths, distill_loss, level_targets, prefix_ids  # noqa: E402
 from genrec.train.sft import NextTokenLoss, collate, train_sft  # noqa: E402
 
 CODES = np.array([[0, 0], [0, 1], [1, 0]])
@@ -32,6 +32,20 @@ def test_level_targets_factor_the_teacher_along_the_target_path():
     # Level 1 under code 0 (target 1): items 0 and 1 renormalised; under code 1 (target 2): item 2 alone.
     assert out[0, 1].tolist() == pytest.approx([0.625, 0.375])
     assert out[1, 1].tolist() == pytest.approx([1.0, 0.0])
+
+
+def test_trie_paths_equal_the_definition():
+    rng = np.random.default_rng(0)
+    codes = np.unique(rng.integers(0, [5, 4, 3], size=(40, 3)), axis=0)
+    codes = np.concatenate([codes, np.zeros((len(codes), 1), dtype=np.int64)], axis=1)  # a dedup-like level
+    codes = codes[rng.permutation(len(codes))]  # item ids are not in SID order
+    probs = torch.softmax(torch.as_tensor(rng.normal(size=(7, len(codes))) * 3, dtype=torch.float32), -1)
+    targets = torch.as_tensor(rng.integers(0, len(codes), 7))
+    paths = TriePaths(codes)
+    fast = paths(probs[:, paths.order], targets)
+    slow = level_targets(probs, targets, torch.as_tensor(codes), torch.as_tensor(prefix_ids(codes)), fast.shape[-1])
+    assert torch.allclose(fast, slow, atol=1e-6)
+    assert fast[:, 3, 0].tolist() == [1.0] * 7  # one item per full prefix: the last level is certain
 
 
 def test_distill_loss_is_the_kl_over_the_level_tokens_only():

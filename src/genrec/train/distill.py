@@ -46,7 +46,10 @@ def prefix_ids(codes: np.ndarray) -> np.ndarray:
 
 
 def level_targets(probs: torch.Tensor, targets: torch.Tensor, codes: torch.Tensor, prefixes: torch.Tensor, width: int):
-    """Per-level distillation targets, (Q, L, width), each row summing to 1.
+    """Per-level distillation targets, (Q, L, width), each row summing to 1: the definition.
+
+    A pass over the whole catalogue per level; ``TriePaths`` computes the same in a few
+    gathers and is what the trainer uses.
 
     ``probs`` (Q, N): the teacher's item distribution for each target; ``targets`` (Q,) the
     target items; ``codes`` and ``prefixes`` (N, L) as ``prefix_ids`` gives them; ``width``
@@ -60,6 +63,58 @@ def level_targets(probs: torch.Tensor, targets: torch.Tensor, codes: torch.Tenso
         out[:, level].scatter_add_(1, codes[:, level].expand(Q, -1), mass)
     # The target itself is on its path, so the mass is > 0 unless the teacher's probability underflows.
     return out / out.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(out.dtype).tiny)
+
+
+class TriePaths:
+    """``level_targets`` from the items in SID order, in a few gathers per level.
+
+    In lexicographic SID order, the items under any prefix are contiguous, and so are those
+    under each of its children. ``bounds[l][p, c]`` is the first position (in that order) of
+    an item under prefix ``p`` (of length l) whose level-l code is >= c. Level 0's masses come
+    from one cumulative sum over the catalogue; a deeper level gathers only the items under the
+    target's prefix (at most ``span[l]`` of them) and sums them by code, so the small masses
+    of deep levels are summed exactly rather than as differences of large sums.
+    ``__call__`` takes the distributions in this order (``order``: item ids by SID).
+    """
+
+    def __init__(self, codes: np.ndarray):
+        codes = np.asarray(codes, dtype=np.int64)
+        self.num_levels, self.width = codes.shape[1], int(codes.max()) + 1
+        order = np.lexsort(codes.T[::-1])  # level 0 first
+        prefixes = prefix_ids(codes)  # ranks of the prefixes in the same lexicographic order
+        self.order, self.prefixes = torch.from_numpy(order), torch.from_numpy(prefixes)
+        self.sorted_codes = torch.from_numpy(np.ascontiguousarray(codes[order].T))  # (L, N)
+        self.bounds, self.span = [], []
+        for level in range(self.num_levels):
+            size = int(codes[:, level].max()) + 1
+            key = prefixes[order, level] * (size + 1) + codes[order, level]  # non-decreasing
+            nodes = int(prefixes[:, level].max()) + 1
+            queries = np.arange(nodes)[:, None] * (size + 1) + np.arange(size + 1)[None, :]
+            bounds = np.searchsorted(key, queries, side="left")  # (nodes, size + 1)
+            self.bounds.append(torch.from_numpy(bounds))
+            self.span.append(int((bounds[:, -1] - bounds[:, 0]).max()))
+
+    def to(self, device) -> TriePaths:
+        for name in ("order", "prefixes", "sorted_codes"):
+            setattr(self, name, getattr(self, name).to(device))
+        self.bounds = [b.to(device) for b in self.bounds]
+        return self
+
+    def __call__(self, sorted_probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """``sorted_probs`` (Q, N) item distributions in ``order``, ``targets`` (Q,) item ids -> (Q, L, width)."""
+        Q, N = sorted_probs.shape
+        out = sorted_probs.new_zeros(Q, self.num_levels, self.width)
+        root = self.bounds[0][0]  # (K_0 + 1,)
+        cumsum = torch.cat([sorted_probs.new_zeros(Q, 1), torch.cumsum(sorted_probs, dim=1)], dim=1)
+        out[:, 0, : len(root) - 1] = cumsum[:, root[1:]] - cumsum[:, root[:-1]]
+        for level in range(1, self.num_levels):
+            b = self.bounds[level][self.prefixes[targets, level]]  # (Q, K_l + 1)
+            idx = b[:, :1] + torch.arange(self.span[level], device=b.device)  # (Q, span)
+            inside = idx < b[:, -1:]
+            idx = idx.clamp_max(N - 1)
+            mass = sorted_probs.gather(1, idx) * inside
+            out[:, level].scatter_add_(1, self.sorted_codes[level][idx], mass)
+        return out / out.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(out.dtype).tiny)
 
 
 def distill_loss(
@@ -107,13 +162,16 @@ class SASRecTeacher:
         for level in range(self.num_levels):
             table[level, codes[:, level]] = sid_token_ids[:, level]
             mask[level, codes[:, level]] = True
-        self.codes, self.prefixes = torch.from_numpy(codes), torch.from_numpy(prefix_ids(codes))
+        self.paths = TriePaths(codes)
+        # SASRec's item embeddings in SID order, so that its logits come out in that order.
+        self.sorted_weight = self.sasrec.item_emb.weight.detach()[1:][self.paths.order]
         self.level_token_ids, self.level_mask = torch.from_numpy(table), torch.from_numpy(mask)
 
     def to(self, device) -> SASRecTeacher:
         self.sasrec.to(device)
-        for name in ("codes", "prefixes", "level_token_ids", "level_mask"):
-            setattr(self, name, getattr(self, name).to(device))
+        self.paths.to(device)
+        self.sorted_weight = self.sorted_weight.to(device)
+        self.level_token_ids, self.level_mask = self.level_token_ids.to(device), self.level_mask.to(device)
         return self
 
     @torch.no_grad()
@@ -147,7 +205,7 @@ class SASRecTeacher:
             offset += count
         if not rows:
             return None
-        device = self.codes.device
+        device = self.level_mask.device
         # One causal pass per window, as SASRec trains: its hidden state at item j - 1 predicts item j.
         width = self.sasrec.max_len
         seq = np.zeros((len(rows), width), dtype=np.int64)
@@ -160,13 +218,9 @@ class SASRecTeacher:
             pick_col.append(cols)
         hidden = self.sasrec(torch.as_tensor(seq, device=device))  # (W, max_len, H)
         hidden = hidden[torch.as_tensor(np.concatenate(pick_row)), torch.as_tensor(np.concatenate(pick_col))]
-        logits = self.sasrec.item_logits(hidden) / self.temperature  # (Q_items, N)
-        per_level = level_targets(
-            torch.softmax(logits.float(), dim=-1),
-            torch.as_tensor(np.concatenate(targets), device=device),
-            self.codes,
-            self.prefixes,
-            self.width,
+        logits = (hidden @ self.sorted_weight.T) / self.temperature  # (Q_items, N), items in SID order
+        per_level = self.paths(
+            torch.softmax(logits.float(), dim=-1), torch.as_tensor(np.concatenate(targets)).to(device)
         )
         return {
             "kd_positions": torch.as_tensor(np.concatenate(positions), device=device),
