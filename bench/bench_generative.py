@@ -168,10 +168,16 @@ def main() -> int:
     ap.add_argument("--rewards", nargs="*", default=[], choices=list(REWARD_VARIANTS), help="RL reward variants")
     ap.add_argument("--base", type=Path, default=ROOT / "bench/out/baselines", help="the baselines' run directories")
     ap.add_argument("--out", type=Path, default=ROOT / "bench/out/generative")
+    ap.add_argument(
+        "--results",
+        type=Path,
+        default=ROOT / "bench/results/generative.md",
+        help="the table's file (other sections kept)",
+    )
     bench_baselines.add_set_option(ap)
     args = ap.parse_args()
 
-    results = ROOT / "bench/results/generative.md"
+    results = args.results
     sections = {}
     for name in args.datasets:
         started = time.time()
@@ -190,6 +196,8 @@ def main() -> int:
         if args.rewards:
             command += " --rewards " + " ".join(args.rewards)
         command += bench_baselines.set_flags(args.set)
+        if args.results != ap.get_default("results"):
+            command += f" --base {args.base} --out {args.out} --results {args.results}"
         sections[name] = dataset_section(name, base_dir, variant_dirs, args.seeds, command, time.time() - started)
     header = (
         "# The generative recommender: SFT and SFT+RL next to SASRec\n\n"
