@@ -118,6 +118,27 @@ def test_distillation_pulls_the_model_towards_the_teacher(tiny_dataset, tmp_path
     assert kd[10.0] < 0.6 * kd[0.0]  # measured 0.10 vs 0.24
 
 
+def test_the_stage_loads_the_run_s_sasrec_as_teacher(tiny_dataset, tmp_path):
+    from genrec.pipeline import STAGES, StageContext
+    from genrec.train.sft import run
+    from test_sft import tiny_inputs, write_sft_inputs
+
+    codes, texts = tiny_inputs(tiny_dataset)
+    run_dir = tmp_path / "run"
+    write_sft_inputs(tiny_dataset, codes, texts, run_dir)
+    cfg = config(f"run_dir={run_dir}", "sft.max_epochs=1", "sft.distill=1.0")
+    ctx = StageContext(cfg=cfg, run_dir=run_dir, stage=STAGES["sft"], out=tmp_path / "out", work=tmp_path / "work")
+    with pytest.raises(FileNotFoundError, match="needs stage 'sasrec'"):
+        run(ctx)
+    (run_dir / "sasrec").mkdir()
+    (run_dir / "sasrec" / "done.json").write_text("{}")
+    SASRec(tiny_dataset.num_items, max_len=5).save(run_dir / "sasrec" / "model.pt")
+    summary = run(ctx)
+    assert summary["epochs"] == 1 and summary["best_valid_ndcg@10"] >= 0
+    rows = (tmp_path / "out" / "curves.jsonl").read_text().splitlines()
+    assert len(rows) == 1
+
+
 def test_distill_config_errors(tiny_dataset, tmp_path):
     from genrec.pipeline import STAGES, stage_inputs
 

@@ -41,6 +41,28 @@ def tiny_inputs(tiny_dataset):
     return codes, texts
 
 
+def write_sft_inputs(tiny_dataset, codes, texts, run_dir: Path) -> None:
+    """Finished ``prepare``, ``sid`` and ``text`` stages in ``run_dir``, as the ``sft`` stage reads them."""
+    import pandas as pd
+
+    for stage in ("prepare", "sid", "text"):
+        (run_dir / stage).mkdir(parents=True)
+        (run_dir / stage / "done.json").write_text("{}")
+    tiny_dataset.items.to_parquet(run_dir / "prepare" / "items.parquet")
+    pd.DataFrame(
+        {
+            "user_id": tiny_dataset.user_ids,
+            "raw_user": tiny_dataset.raw_users,
+            "item_ids": tiny_dataset.sequences,
+            "timestamps": [np.arange(len(s)) for s in tiny_dataset.sequences],
+            "valid_pos": tiny_dataset.valid_pos,
+            "test_pos": tiny_dataset.test_pos,
+        },
+    ).to_parquet(run_dir / "prepare" / "sequences.parquet")
+    np.save(run_dir / "sid" / "codes.npy", codes)
+    pd.DataFrame({"item_id": np.arange(len(texts)), "text": texts}).to_parquet(run_dir / "text" / "items_text.parquet")
+
+
 def config(*overrides: str):
     return load_config(None, ["run_dir=unused", *TINY, *overrides])
 
@@ -176,29 +198,12 @@ def test_unknown_task_and_bad_codes_are_clear_errors(tiny_dataset, tmp_path):
 
 
 def test_stage_reads_its_inputs_and_writes_a_loadable_recommender(tiny_dataset, tmp_path):
-    import pandas as pd
-
     from genrec.pipeline import STAGES, StageContext
     from genrec.train.sft import run
 
     codes, texts = tiny_inputs(tiny_dataset)
     run_dir = tmp_path / "run"
-    for stage in ("prepare", "sid", "text"):
-        (run_dir / stage).mkdir(parents=True)
-        (run_dir / stage / "done.json").write_text("{}")
-    tiny_dataset.items.to_parquet(run_dir / "prepare" / "items.parquet")
-    pd.DataFrame(
-        {
-            "user_id": tiny_dataset.user_ids,
-            "raw_user": tiny_dataset.raw_users,
-            "item_ids": tiny_dataset.sequences,
-            "timestamps": [np.arange(len(s)) for s in tiny_dataset.sequences],
-            "valid_pos": tiny_dataset.valid_pos,
-            "test_pos": tiny_dataset.test_pos,
-        },
-    ).to_parquet(run_dir / "prepare" / "sequences.parquet")
-    np.save(run_dir / "sid" / "codes.npy", codes)
-    pd.DataFrame({"item_id": np.arange(len(texts)), "text": texts}).to_parquet(run_dir / "text" / "items_text.parquet")
+    write_sft_inputs(tiny_dataset, codes, texts, run_dir)
     cfg = config(
         f"run_dir={run_dir}",
         "sft.max_epochs=2",
