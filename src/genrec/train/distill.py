@@ -156,13 +156,13 @@ class SASRecTeacher:
             p.requires_grad_(False)
         self.temperature = float(temperature)
         codes = np.asarray(codes, dtype=np.int64)
-        self.num_levels, self.width = codes.shape[1], int(codes.max()) + 1
+        self.paths = TriePaths(codes)
+        self.num_levels, self.width = self.paths.num_levels, self.paths.width
         table = np.zeros((self.num_levels, self.width), dtype=np.int64)
         mask = np.zeros((self.num_levels, self.width), dtype=bool)
         for level in range(self.num_levels):
             table[level, codes[:, level]] = sid_token_ids[:, level]
             mask[level, codes[:, level]] = True
-        self.paths = TriePaths(codes)
         # SASRec's item embeddings in SID order, so that its logits come out in that order.
         self.sorted_weight = self.sasrec.item_emb.weight.detach()[1:][self.paths.order]
         self.level_token_ids, self.level_mask = torch.from_numpy(table), torch.from_numpy(mask)
