@@ -94,7 +94,7 @@ def main() -> None:
     labelled = rows * cfg.data.max_history * levels
 
     model = build_model(cfg, vocab)
-    loss_module = NextTokenLoss(model).train()
+    loss_module = NextTokenLoss(model, distill_weight=1.0).train()  # plain CE unless a step passes distill
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(specials, vocab, (rows, length), generator=generator)
@@ -106,9 +106,7 @@ def main() -> None:
         distill = None
         if distiller is not None:  # as genrec.train.sft does it: the teacher's targets, then the loss
             distill = distiller.batch(examples, [rows_labelled] * rows)
-        loss = (kd_module if distiller is not None else loss_module)(
-            input_ids=input_ids, attention_mask=attention_mask, labels=labels, distill=distill
-        )
+        loss = loss_module(input_ids=input_ids, attention_mask=attention_mask, labels=labels, distill=distill)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -141,7 +139,6 @@ def main() -> None:
         examples = [
             Example(input_ids[r].numpy(), labels[r].numpy(), r, items=items[r], target_from=1) for r in range(rows)
         ]
-        kd_module = NextTokenLoss(model, distill_weight=1.0).train()
         kd_seconds = median_seconds(distiller)
 
     embedding = model.get_input_embeddings().weight.numel()

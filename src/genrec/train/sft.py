@@ -380,7 +380,7 @@ def train_sft(
             examples = [sets[s][i] for s, i in rows[batch]]
             inputs = collate(examples, backbone.fmt.pad_id, accelerator.device)
             if distiller is not None:
-                inputs["distill"] = distiller.batch(examples, [int((e.labels[1:] != -100).sum()) for e in examples])
+                inputs["distill"] = distiller.batch(examples, (inputs["labels"][:, 1:] != -100).sum(dim=1).tolist())
             with accelerator.autocast():
                 loss = loss_module(**inputs)
             accelerator.backward(loss)
