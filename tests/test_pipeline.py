@@ -170,3 +170,17 @@ def test_a_key_added_later_keeps_older_runs_done_at_its_default(real_graph, tmp_
     assert "scale_rewards" not in done["config"]["rl"] and "bgae_k" in done["config"]["rl"]
     assert stage_status(load_config(None, [*base, "rl.scale_rewards=group"]), "rl") == "done"
     assert stage_status(load_config(None, [*base, "rl.scale_rewards=batch"]), "rl") == "stale"
+
+
+def test_sid_from_sasrec_depends_on_sasrec(real_graph, tmp_path):
+    """sid.embedding=sasrec runs SASRec first and a retrained SASRec makes the SIDs stale; text SIDs never read it."""
+    base = [f"run_dir={tmp_path / 'run'}", "stages=[sid]"]
+    run_pipeline(load_config(None, base))
+    assert "sasrec" not in CALLS
+    collaborative = [*base, "sid.embedding=sasrec"]
+    CALLS.clear()
+    run_pipeline(load_config(None, collaborative))
+    assert CALLS == ["sasrec", "sid"]
+    retrained = load_config(None, [*collaborative, "sasrec.lr=0.01"])
+    run_stage(retrained, "sasrec")
+    assert stage_status(retrained, "sid") == "stale"

@@ -189,28 +189,71 @@ def test_bad_embeddings_and_sizes_are_errors(data):
         build_sids(x, small_cfg("rkmeans"), seed=0, categories=["a", "b", "c"])
 
 
-def test_stage_writes_codes_quantizer_and_quality(tmp_path, data, capsys):
-    from genrec.pipeline import STAGES, StageContext
-    from genrec.sid.stage import run
-
-    x, cats = data
+def _sid_run_dir(tmp_path, x, cats):
     run_dir = tmp_path / "run"
     for name in ("embed", "prepare"):
         (run_dir / name).mkdir(parents=True)
         (run_dir / name / "done.json").write_text("{}")
     np.save(run_dir / "embed" / "item_emb.npy", x)
-    pd.DataFrame({"item_id": np.arange(600), "raw_id": [str(i) for i in range(600)], "categories": cats}).to_parquet(
-        run_dir / "prepare" / "items.parquet"
-    )
-    cfg = RunConfig(run_dir=str(run_dir), seed=5, sid=small_cfg("rkmeans"))
-    out = tmp_path / "out"
+    pd.DataFrame(
+        {"item_id": np.arange(len(x)), "raw_id": [str(i) for i in range(len(x))], "categories": cats}
+    ).to_parquet(run_dir / "prepare" / "items.parquet")
+    return run_dir
+
+
+def _run_sid(tmp_path, run_dir, **kw):
+    from genrec.pipeline import STAGES, StageContext
+    from genrec.sid.stage import run
+
+    cfg = RunConfig(run_dir=str(run_dir), seed=5, sid=small_cfg("rkmeans", **kw))
+    out = tmp_path / f"out-{len(list(tmp_path.glob('out-*')))}"
     out.mkdir()
     summary = run(StageContext(cfg=cfg, run_dir=run_dir, stage=STAGES["sid"], out=out, work=tmp_path / "work"))
-    codes = np.load(out / "codes.npy")
+    return np.load(out / "codes.npy"), summary, out
+
+
+def test_stage_writes_codes_quantizer_and_quality(tmp_path, data, capsys):
+    x, cats = data
+    run_dir = _sid_run_dir(tmp_path, x, cats)
+    codes, summary, out = _run_sid(tmp_path, run_dir)
     assert codes.shape == (600, 4) and len(np.unique(codes, axis=0)) == 600
     assert read_json(out / "codebook_sizes.json") == summary["codebook_sizes"]
     quality = read_json(out / "quality.json")
     assert quality["collision_rate"] == pytest.approx(summary["collision_rate"], abs=1e-5)
     assert "collision rate before resolution" in capsys.readouterr().out
-    reencoded, *_ = assign_codes(load_quantizer(out / "quantizer.npz"), x, cfg.sid)
+    reencoded, *_ = assign_codes(load_quantizer(out / "quantizer.npz"), x, small_cfg("rkmeans"))
     np.testing.assert_array_equal(reencoded, codes)
+
+
+def test_stage_quantises_sasrec_item_embeddings(tmp_path, data):
+    """sid.embedding=sasrec reads the item rows of sasrec/model.pt (not its padding row); text+sasrec both."""
+    from genrec.baselines.sasrec import SASRec
+    from genrec.sid.stage import _unit_rows
+
+    x, cats = data
+    run_dir = _sid_run_dir(tmp_path, x, cats)
+    sasrec = SASRec(num_items=600, max_len=5, hidden_size=16, num_layers=1, num_heads=1)
+    with torch.no_grad():  # the items' own embeddings: the text ones, reversed in each row
+        sasrec.item_emb.weight[1:] = torch.as_tensor(x[:, ::-1].copy())
+        sasrec.item_emb.weight[0] = 100.0
+    (run_dir / "sasrec").mkdir()
+    sasrec.save(run_dir / "sasrec" / "model.pt")
+    with pytest.raises(FileNotFoundError, match="needs stage 'sasrec'"):
+        _run_sid(tmp_path, tmp_path / "run", embedding="sasrec")
+    (run_dir / "sasrec" / "done.json").write_text("{}")
+
+    codes, summary, _ = _run_sid(tmp_path, run_dir, embedding="sasrec")
+    assert summary["embedding"] == "sasrec"
+    expected, *_ = build_sids(x[:, ::-1], small_cfg("rkmeans"), seed=5)
+    np.testing.assert_array_equal(codes, expected)
+
+    both, *_ = _run_sid(tmp_path, run_dir, embedding="text+sasrec")
+    joined = np.concatenate([_unit_rows(x), _unit_rows(x[:, ::-1])], axis=1)
+    np.testing.assert_array_equal(both, build_sids(joined, small_cfg("rkmeans"), seed=5)[0])
+
+    sasrec_small = SASRec(num_items=599, max_len=5, hidden_size=16, num_layers=1, num_heads=1)
+    sasrec_small.save(run_dir / "sasrec" / "model.pt")
+    with pytest.raises(ValueError, match="model.pt has 599 item rows but the dataset has 600 items"):
+        _run_sid(tmp_path, run_dir, embedding="sasrec")
+    with pytest.raises(ValueError, match="sid.embedding must be one of text, sasrec, text\\+sasrec, got 'cf'"):
+        small_cfg("rkmeans", embedding="cf")

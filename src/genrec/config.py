@@ -223,6 +223,9 @@ class EmbedConfig:
         _check(self.max_tokens >= 8, f"embed.max_tokens must be >= 8, got {self.max_tokens}")
 
 
+SID_EMBEDDINGS = ("text", "sasrec", "text+sasrec")
+
+
 @dataclass
 class SIDConfig:
     """Semantic IDs: quantiser, levels, collision handling (stage ``sid``)."""
@@ -235,6 +238,10 @@ class SIDConfig:
     # "sinkhorn" (balanced last level, then nearest free code; SIDs keep `levels` codes) or
     # "dedup" (an extra level: the rank inside the collision group).
     collision: str = "dedup"
+    # What is quantised: "text" (the `embed` stage's item-text embeddings), "sasrec" (the item
+    # embeddings of the run's SASRec, trained on the training sequences: collaborative SIDs) or
+    # "text+sasrec" (both, each row L2-normalised, side by side). See docs/sid.md.
+    embedding: str = "text"
     # Residual k-means only: quantise the embeddings projected on their top `pca_dim` principal
     # components (0: the raw embeddings). Fewer dimensions give fewer collisions and a coarser
     # reconstruction; 24 keeps Beauty/MiniLM under 5% collisions with 3 x 256 (docs/sid.md).
@@ -256,6 +263,10 @@ class SIDConfig:
         _check(
             self.quantizer in ("rqvae", "rkmeans", "rkmeans_balanced"),
             f"sid.quantizer must be rqvae, rkmeans or rkmeans_balanced, got {self.quantizer!r}",
+        )
+        _check(
+            self.embedding in SID_EMBEDDINGS,
+            f"sid.embedding must be one of {', '.join(SID_EMBEDDINGS)}, got {self.embedding!r}",
         )
         _check(
             self.collision in ("sinkhorn", "dedup"),

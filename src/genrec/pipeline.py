@@ -36,6 +36,7 @@ ADDED_KEYS: dict[str, Any] = {
     "rl.prompts": "targets",
     "sft.distill": 0.0,
     "sft.distill_temperature": 1.0,
+    "sid.embedding": "text",
 }
 
 
@@ -77,6 +78,11 @@ def sft_inputs(cfg: RunConfig) -> tuple[str, ...]:
     return extra + (("sasrec",) if cfg.sft.distill > 0 else ())
 
 
+def sid_inputs(cfg: RunConfig) -> tuple[str, ...]:
+    """``sasrec`` when ``sid.embedding`` quantises its item embeddings."""
+    return ("sasrec",) if "sasrec" in cfg.sid.embedding.split("+") else ()
+
+
 def stage_inputs(stage: Stage, cfg: RunConfig) -> tuple[str, ...]:
     """Every stage whose outputs ``stage`` reads under ``cfg``: they run first and their files enter its input hash."""
     extra = stage.config_inputs(cfg) if stage.config_inputs is not None else ()
@@ -107,7 +113,14 @@ STAGES: dict[str, Stage] = {
         ),
         Stage("text", "genrec.text.compose:run", ("text",), ("prepare",), "compose each item's text", text_inputs),
         Stage("embed", "genrec.text.encode:run", ("embed",), ("text",), "embed item texts"),
-        Stage("sid", "genrec.sid.stage:run", ("sid",), ("embed", "prepare"), "quantise embeddings into Semantic IDs"),
+        Stage(
+            "sid",
+            "genrec.sid.stage:run",
+            ("sid",),
+            ("embed", "prepare"),
+            "quantise embeddings into Semantic IDs",
+            sid_inputs,
+        ),
         Stage(
             "trm",
             "genrec.agent.trm:run",

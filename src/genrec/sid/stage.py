@@ -111,15 +111,37 @@ def build_sids(
     return codes, quality, quantizer
 
 
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def sasrec_item_embeddings(model_path: Path) -> np.ndarray:
+    """The item embeddings (N, H) of a saved SASRec, item_id order (its padding row dropped)."""
+    import torch
+
+    blob = torch.load(model_path, map_location="cpu", weights_only=True)
+    return blob["state_dict"]["item_emb.weight"][1:].numpy().astype(np.float32)
+
+
+def item_embeddings(ctx, num_items: int) -> np.ndarray:
+    """What ``sid.embedding`` quantises: text, SASRec's item embeddings, or both rows L2-normalised side by side."""
+    parts = []
+    for source in ctx.cfg.sid.embedding.split("+"):
+        path = ctx.input("embed") / "item_emb.npy" if source == "text" else ctx.input("sasrec") / "model.pt"
+        emb = np.load(path) if source == "text" else sasrec_item_embeddings(path)
+        if len(emb) != num_items:
+            raise ValueError(f"{path} has {len(emb)} item rows but the dataset has {num_items} items: rerun its stage")
+        parts.append(emb)
+    return parts[0] if len(parts) == 1 else np.concatenate([_unit_rows(p) for p in parts], axis=1)
+
+
 def run(ctx) -> dict:
     import pandas as pd
 
     cfg = ctx.cfg.sid
-    emb_path = ctx.input("embed") / "item_emb.npy"
-    emb = np.load(emb_path)
     items = pd.read_parquet(ctx.input("prepare") / "items.parquet")
-    if len(items) != len(emb):
-        raise ValueError(f"{emb_path} has {len(emb)} rows but the dataset has {len(items)} items: rerun 'embed'")
+    emb = item_embeddings(ctx, len(items))
     categories = items["categories"].fillna("").astype(str).tolist() if "categories" in items.columns else None
     codes, quality, quantizer = build_sids(emb, cfg, ctx.seed, categories)
 
@@ -131,6 +153,7 @@ def run(ctx) -> dict:
     write_json(ctx.out / "quality.json", quality)
     print(format_quality(quality))
     return {
+        "embedding": cfg.embedding,
         "quantizer": cfg.quantizer,
         "codebook_sizes": quality["codebook_sizes"],
         "collision_rate": round(quality["collision_rate"], 5),
