@@ -228,7 +228,7 @@ def test_stage_writes_codes_quantizer_and_quality(tmp_path, data, capsys):
 def test_stage_quantises_sasrec_item_embeddings(tmp_path, data):
     """sid.embedding=sasrec reads the item rows of sasrec/model.pt (not its padding row); text+sasrec both."""
     from genrec.baselines.sasrec import SASRec
-    from genrec.sid.stage import _unit_rows
+    from genrec.text.encode import unit_rows
 
     x, cats = data
     run_dir = _sid_run_dir(tmp_path, x, cats)
@@ -248,7 +248,7 @@ def test_stage_quantises_sasrec_item_embeddings(tmp_path, data):
     np.testing.assert_array_equal(codes, expected)
 
     both, *_ = _run_sid(tmp_path, run_dir, embedding="text+sasrec")
-    joined = np.concatenate([_unit_rows(x), _unit_rows(x[:, ::-1])], axis=1)
+    joined = np.concatenate([unit_rows(x), unit_rows(x[:, ::-1])], axis=1)
     np.testing.assert_array_equal(both, build_sids(joined, small_cfg("rkmeans"), seed=5)[0])
 
     sasrec_small = SASRec(num_items=599, max_len=5, hidden_size=16, num_layers=1, num_heads=1)

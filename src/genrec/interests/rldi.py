@@ -52,6 +52,7 @@ from genrec.interests.config import InterestsConfig, RLDIConfig
 from genrec.interests.merge import EmbedFn
 from genrec.interests.schema import MalformedAnswer, extract_json
 from genrec.io import write_json
+from genrec.text.encode import unit_rows
 
 log = logging.getLogger("genrec")
 
@@ -88,11 +89,6 @@ def prefix_dataset(dataset: Dataset, holdout: int, user_ids: Sequence[int] | Non
 
 
 # --------------------------------------------------------------------------- behaviour labels
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def behaviour_labels(
@@ -267,7 +263,7 @@ def profiles(frame: pd.DataFrame, id_column: str, num: int, vectors: dict[str, n
         emb = np.stack([vectors[p] for p in group["interest"]])  # (k, D)
         w = np.maximum(group["weight"].to_numpy(np.float32), 1e-6)
         out[int(i)] = w @ emb
-    return _unit(out)  # zero rows stay zero
+    return unit_rows(out)  # zero rows stay zero
 
 
 def item_quality(frame: pd.DataFrame, num_items: int) -> np.ndarray:
@@ -328,7 +324,7 @@ def label_interests(
 
     frames = [item_interests, prefix] + ([user_interests] if user_interests is not None else [])
     phrases = sorted({p for f in frames for p in f["interest"]})
-    vectors = dict(zip(phrases, _unit(embed_fn(phrases)))) if phrases else {}
+    vectors = dict(zip(phrases, unit_rows(embed_fn(phrases)))) if phrases else {}
     if cfg.labels == "behaviour":
         labelled = behaviour_labels(
             prefix[["user_id", "interest"]],

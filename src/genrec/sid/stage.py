@@ -17,7 +17,7 @@ from genrec.config import SIDConfig
 from genrec.io import atomic_write_bytes, write_json
 from genrec.sid.collisions import resolve_collisions
 from genrec.sid.quality import format_quality, quality_report
-from genrec.text.encode import check_embeddings
+from genrec.text.encode import check_embeddings, unit_rows
 
 # File name of the saved quantiser per quantiser name.
 QUANTIZER_FILES = {"rqvae": "quantizer.pt", "rkmeans": "quantizer.npz", "rkmeans_balanced": "quantizer.npz"}
@@ -111,29 +111,22 @@ def build_sids(
     return codes, quality, quantizer
 
 
-def _unit_rows(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
-def sasrec_item_embeddings(model_path: Path) -> np.ndarray:
-    """The item embeddings (N, H) of a saved SASRec, item_id order (its padding row dropped)."""
-    import torch
-
-    blob = torch.load(model_path, map_location="cpu", weights_only=True)
-    return blob["state_dict"]["item_emb.weight"][1:].numpy().astype(np.float32)
-
-
 def item_embeddings(ctx, num_items: int) -> np.ndarray:
     """What ``sid.embedding`` quantises: text, SASRec's item embeddings, or both rows L2-normalised side by side."""
     parts = []
     for source in ctx.cfg.sid.embedding.split("+"):
-        path = ctx.input("embed") / "item_emb.npy" if source == "text" else ctx.input("sasrec") / "model.pt"
-        emb = np.load(path) if source == "text" else sasrec_item_embeddings(path)
+        if source == "text":
+            path = ctx.input("embed") / "item_emb.npy"
+            emb, stage = np.load(path), "embed"
+        else:
+            from genrec.baselines.sasrec import SASRec
+
+            path = ctx.input("sasrec") / "model.pt"
+            emb, stage = SASRec.load(path).item_emb.weight[1:].detach().numpy(), "sasrec"  # padding row dropped
         if len(emb) != num_items:
-            raise ValueError(f"{path} has {len(emb)} item rows but the dataset has {num_items} items: rerun its stage")
+            raise ValueError(f"{path} has {len(emb)} item rows but the dataset has {num_items} items: rerun '{stage}'")
         parts.append(emb)
-    return parts[0] if len(parts) == 1 else np.concatenate([_unit_rows(p) for p in parts], axis=1)
+    return parts[0] if len(parts) == 1 else np.concatenate([unit_rows(p) for p in parts], axis=1)
 
 
 def run(ctx) -> dict:

@@ -204,6 +204,12 @@ def embed_texts(
     return emb, stats
 
 
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Each row of ``x`` (N, D) scaled to unit L2 norm, as float32; zero rows stay zero."""
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
 def check_embeddings(emb: np.ndarray, texts: list[str] | None = None) -> None:
     """Raise ValueError naming the first item whose embedding is not finite or is all zeros."""
     if emb.ndim != 2 or emb.shape[0] == 0:
