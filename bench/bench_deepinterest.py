@@ -54,8 +54,9 @@ DEEPINTEREST = [
 RANK_RL = ["rl.rewards={rank: 1.0}", "rl.lr=1.0e-5", "rl.loss=dapo", "rl.prompts=targets"]
 DATASET_OVERRIDES = {
     "ml-100k": [*RANK_RL, "rl.steps=30", "rl.eval_every=10"],
-    # Text SIDs without distillation, as measured before configs/beauty.yaml moved to collaborative SIDs
-    # distilled from SASRec (2026-12-06): IEID folds the interests into the item texts that are quantised.
+    # Text SIDs, no distillation and no item-ID inputs, as measured before configs/beauty.yaml moved to
+    # collaborative SIDs and SASRec's item vectors (2026-12-06): IEID folds the interests into the item
+    # texts that are quantised.
     "beauty": [
         *RANK_RL,
         "rl.steps=40",
@@ -65,6 +66,7 @@ DATASET_OVERRIDES = {
         "sid.embedding=text",
         "sft.distill=0.0",
         "sft.max_minutes=20",
+        "model.item_embedding=none",
     ],
 }
 FULL_STAGES = "stages=[prepare, popularity, sasrec, interests, rldi, text, embed, sid, sft, eval, rl]"

@@ -12,6 +12,17 @@ import pytest
 SHARED_DATA = Path(os.environ.get("GENREC_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread inside the test (timings and float sums stay stable), its thread count after."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # Overrides that make the generative model, its SFT and its decoding tiny enough for a test.
 TINY_GENERATIVE = [
     "model.hidden_size=32",

@@ -26,12 +26,7 @@ VOCAB = NUM_TEXT + LEVELS * CODEBOOK
 PAD, EOS = 0, 1  # text tokens that are never allowed inside a SID
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_config(cls, **kw):

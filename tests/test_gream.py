@@ -25,12 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = TINY_GENERATIVE
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_denoised_rewrite_drops_items_outside_the_inferred_preferences():

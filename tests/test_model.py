@@ -25,12 +25,7 @@ SIZES = [4, 4, 3]
 TEXTS = ["Toy Story (1995). Animation, Comedy", "GoldenEye (1995). Action, Thriller", "Red matte lipstick"] * 10
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def random_codes(num_items: int = 20, seed: int = 0) -> np.ndarray:

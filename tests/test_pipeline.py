@@ -184,3 +184,19 @@ def test_sid_from_sasrec_depends_on_sasrec(real_graph, tmp_path):
     retrained = load_config(None, [*collaborative, "sasrec.lr=0.01"])
     run_stage(retrained, "sasrec")
     assert stage_status(retrained, "sid") == "stale"
+
+
+def test_sft_on_sasrec_item_vectors_depends_on_sasrec(real_graph, tmp_path):
+    """model.item_embedding=sasrec makes SFT read SASRec; a learned table does not, and the default keeps runs done."""
+    base = [f"run_dir={tmp_path / 'run'}", "stages=[sft]"]
+    run_pipeline(load_config(None, base))
+    assert "sasrec" not in CALLS
+    assert stage_status(load_config(None, [*base, "model.item_embedding=none"]), "sft") == "done"
+    assert stage_status(load_config(None, [*base, "model.item_embedding=learned"]), "sft") == "stale"
+    vectors = [*base, "model.item_embedding=sasrec"]
+    CALLS.clear()
+    run_pipeline(load_config(None, vectors))
+    assert CALLS == ["sasrec", "sft"]
+    retrained = load_config(None, [*vectors, "sasrec.lr=0.01"])
+    run_stage(retrained, "sasrec")
+    assert stage_status(retrained, "sft") == "stale"

@@ -13,13 +13,7 @@ transformers = pytest.importorskip("transformers")
 from genrec.train.losses import k3_kl, listwise_loss, policy_loss  # noqa: E402
 from genrec.train.rl import completion_log_probs, history_prompts, rl_prompts, training_prompts  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --------------------------------------------------------------------------- losses

@@ -26,12 +26,7 @@ TESTS = Path(__file__).resolve().parent
 TINY = TINY_GENERATIVE
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_inputs(tiny_dataset):

@@ -21,12 +21,7 @@ SIZES = [4, 4, 4]
 ALL_TASKS = ["seqrec", "item2sid", "sid2title", "titles2sid"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def random_codes(num_items: int, seed: int = 0) -> np.ndarray:

@@ -285,6 +285,9 @@ class SIDConfig:
         )
 
 
+ITEM_EMBEDDINGS = ("none", "learned", "sasrec")
+
+
 @dataclass
 class ModelConfig:
     """The causal-LM backbone (see genrec.model.backbone and docs/sft.md)."""
@@ -307,6 +310,14 @@ class ModelConfig:
     lora_dropout: float = 0.05
     # Scratch model: attention dropout and residual dropout (embeddings, attention and MLP outputs).
     dropout: float = 0.1
+    # A vector per item added at the last SID token of each item in the input
+    # (genrec.model.item_embedding): the model reads item IDs beside their SIDs and still
+    # generates SIDs. "none", "learned" (a trained table) or "sasrec" (the run's SASRec item
+    # embeddings, frozen, through a trained projection). Needs collision-free SIDs (sid.collision: dedup).
+    item_embedding: str = "none"
+    # Training only: the probability that an item occurrence loses its whole vector, so the
+    # model keeps reading its SID tokens too.
+    item_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         _check(bool(self.backbone), "model.backbone must be 'scratch' or a local checkpoint directory")
@@ -322,6 +333,11 @@ class ModelConfig:
             "model.lora_r > 0 needs a pretrained model.backbone directory; the scratch model trains every weight",
         )
         _check(0.0 <= self.dropout < 1.0 and 0.0 <= self.lora_dropout < 1.0, "model dropouts must be in [0, 1)")
+        _check(
+            self.item_embedding in ITEM_EMBEDDINGS,
+            f"model.item_embedding must be one of {', '.join(ITEM_EMBEDDINGS)}, got {self.item_embedding!r}",
+        )
+        _check(0.0 <= self.item_dropout < 1.0, f"model.item_dropout must be in [0, 1), got {self.item_dropout}")
 
 
 @dataclass

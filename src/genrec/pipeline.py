@@ -32,6 +32,8 @@ log = logging.getLogger("genrec")
 # they stay out of every stage's config hash, so a finished stage from before the key existed
 # is still finished. Any other value enters the hash as usual.
 ADDED_KEYS: dict[str, Any] = {
+    "model.item_dropout": 0.0,
+    "model.item_embedding": "none",
     "rl.scale_rewards": "group",
     "rl.prompts": "targets",
     "sft.distill": 0.0,
@@ -73,9 +75,14 @@ def text_inputs(cfg: RunConfig) -> tuple[str, ...]:
 
 def sft_inputs(cfg: RunConfig) -> tuple[str, ...]:
     """``rldi`` when ``sft.tasks`` trains ``interest2sid`` (it reads the labelled prefix interests),
-    ``sasrec`` when ``sft.distill`` > 0 (the teacher)."""
+    ``sasrec`` when ``sft.distill`` > 0 (the teacher) or ``model.item_embedding`` is ``sasrec``."""
     extra = ("rldi",) if cfg.sft.tasks.get("interest2sid", 0) > 0 else ()
-    return extra + (("sasrec",) if cfg.sft.distill > 0 else ())
+    return extra + (("sasrec",) if needs_sasrec(cfg) else ())
+
+
+def needs_sasrec(cfg: RunConfig) -> bool:
+    """Whether SFT reads the run's SASRec: as the teacher, or for its item embeddings."""
+    return cfg.sft.distill > 0 or cfg.model.item_embedding == "sasrec"
 
 
 def sid_inputs(cfg: RunConfig) -> tuple[str, ...]:

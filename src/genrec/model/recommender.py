@@ -7,7 +7,9 @@ search. A saved model directory holds:
 
 - the Hugging Face model and tokenizer (``save_pretrained``; LoRA adapters are merged in);
 - ``genrec.json``: the SID vocabulary, the prompt format and ``max_history``;
-- ``codes.npy`` (N, L): item_id -> SID codes, and ``trie.pt``: the trie built from them.
+- ``codes.npy`` (N, L): item_id -> SID codes, and ``trie.pt``: the trie built from them;
+- ``item_embedding.pt`` with ``model.item_embedding`` (``genrec.model.item_embedding``): the
+  item-ID input table, kept out of the Hugging Face checkpoint, which stays a plain causal LM.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from genrec.io import read_json, write_json
+from genrec.model import item_embedding
 from genrec.model.prompt import PromptFormat
 from genrec.model.vocab import SIDVocab
 
@@ -36,6 +39,9 @@ class GenerativeRecommender:
         self.model, self.tokenizer, self.vocab, self.trie = model, tokenizer, vocab, trie
         self.codes, self.fmt, self.max_history = codes, fmt, max_history
         self.sid_ids = vocab.sid_to_ids(codes)  # (N, L) token ids of each item's SID
+        items = item_embedding.find(model)
+        if items is not None and not np.array_equal(items.sid_ids, self.sid_ids):
+            raise ValueError("the model's item-ID input table was built for other SIDs than these codes")
 
     @property
     def num_items(self) -> int:
@@ -89,9 +95,15 @@ class GenerativeRecommender:
         """Write the model directory; a PEFT model is merged into its base first (and stays merged)."""
         model_dir = Path(model_dir)
         model_dir.mkdir(parents=True, exist_ok=True)
+        items = item_embedding.find(self.model)
         if hasattr(self.model, "merge_and_unload"):
             self.model = self.model.merge_and_unload()
-        self.model.save_pretrained(model_dir)
+            if items is not None:  # merging replaces the wrapped input embedding that held the table
+                item_embedding.attach(self.model, items)
+        with item_embedding.detached(self.model):
+            self.model.save_pretrained(model_dir)
+        if items is not None:
+            items.save(model_dir / item_embedding.FILENAME)
         self.tokenizer.save_pretrained(model_dir)
         np.save(model_dir / "codes.npy", self.codes)
         self.trie.save(model_dir / "trie.pt")
@@ -130,6 +142,11 @@ class GenerativeRecommender:
             raise ValueError(f"{meta_path}: the SID offsets do not match the tokenizer saved beside it")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True, attn_implementation="sdpa")
+        if (model_dir / item_embedding.FILENAME).is_file():
+            vocab_size = model.get_input_embeddings().weight.shape[0]
+            item_embedding.attach(
+                model, item_embedding.ItemEmbedding.load(model_dir / item_embedding.FILENAME, vocab_size)
+            )
         model.to(device).eval()
         codes = np.load(model_dir / "codes.npy")
         trie = SIDTrie.load(model_dir / "trie.pt").to(device)

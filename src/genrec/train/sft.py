@@ -221,6 +221,27 @@ def _valid_metrics(recommender, valid: Examples, cfg: RunConfig, accelerator) ->
     return {"valid_ndcg@10": metrics["ndcg@10"], "valid_hr@10": metrics["hr@10"]}
 
 
+def _attach_item_embedding(cfg: RunConfig, backbone, codes: np.ndarray, sasrec) -> None:
+    """``model.item_embedding``: a learned table, or SASRec's item rows (frozen) through a projection."""
+    from genrec.model.item_embedding import ItemEmbedding, attach
+
+    pretrained = None
+    if cfg.model.item_embedding == "sasrec":
+        if sasrec is None:
+            raise ConfigError("model.item_embedding: sasrec needs the run's SASRec, which only the 'sft' stage loads")
+        pretrained = sasrec.item_emb.weight[1:].detach().cpu().numpy()  # (N, D); row 0 is SASRec's padding
+    config = unwrap_model(backbone.model).config
+    table = ItemEmbedding(
+        backbone.vocab.sid_to_ids(codes),
+        backbone.model.get_input_embeddings().weight.shape[0],
+        config.hidden_size,
+        getattr(config, "initializer_range", 0.02),
+        dropout=cfg.model.item_dropout,
+        pretrained=pretrained,
+    )
+    attach(backbone.model, table)
+
+
 def train_sft(
     cfg: RunConfig,
     dataset: Dataset,
@@ -238,7 +259,8 @@ def train_sft(
     ``extra_tasks`` adds task builders to ``genrec.tasks.TASKS`` for this call.
     ``on_epoch_end(row, model)`` runs in every process after each epoch's checkpoint is
     written, with the row of ``curves.jsonl`` and the (unwrapped) causal LM. ``teacher``, a
-    trained ``SASRec`` of the same dataset, is required when ``sft.distill`` > 0. Resumes from ``work_dir`` when it holds a checkpoint. Writes
+    trained ``SASRec`` of the same dataset, is required when ``sft.distill`` > 0 or
+    ``model.item_embedding`` is ``sasrec``. Resumes from ``work_dir`` when it holds a checkpoint. Writes
     ``out_dir/model``, ``curves.jsonl`` and ``train_summary.json``; returns the summary.
     """
     from accelerate import Accelerator
@@ -277,6 +299,8 @@ def train_sft(
         backbone = scratch_backbone(cfg.model, tokenizer, codebook_sizes, task_names, cfg.seed)
     else:
         backbone = pretrained_backbone(cfg.model, codebook_sizes, task_names)
+    if cfg.model.item_embedding != "none":
+        _attach_item_embedding(cfg, backbone, codes, teacher)
     trie = SIDTrie(codes, codebook_sizes)
     params = count_parameters(backbone.model)
 
@@ -553,7 +577,9 @@ def run(ctx) -> dict:
         prefix = pd.read_parquet(ctx.input("rldi") / "prefix_user_interests.parquet")
         extra_tasks["interest2sid"] = interest_task_builder(prefix)
     teacher = None
-    if cfg.sft.distill > 0:  # the SASRec of the same run directory (genrec.pipeline.sft_inputs)
+    from genrec.pipeline import needs_sasrec
+
+    if needs_sasrec(cfg):  # the SASRec of the same run directory (genrec.pipeline.sft_inputs)
         from genrec.baselines.sasrec import SASRec
 
         teacher = SASRec.load(ctx.input("sasrec") / "model.pt")
