@@ -225,3 +225,25 @@ def test_sft_on_sasrec_vectors_without_sasrec_is_a_clear_error(tiny_dataset, tmp
     codes, texts = tiny_inputs(tiny_dataset)
     with pytest.raises(ConfigError, match="item_embedding: sasrec needs the run's SASRec"):
         train_sft(config("model.item_embedding=sasrec"), tiny_dataset, codes, texts, tmp_path / "o", tmp_path / "w")
+
+
+def test_sft_on_sasrec_vectors_reads_them_and_resumes_only_under_the_same_sasrec(tiny_dataset, tmp_path):
+    from genrec.baselines.sasrec import SASRec
+    from genrec.train.sft import _fingerprint, train_sft
+    from test_sft import config, tiny_inputs
+
+    codes, texts = tiny_inputs(tiny_dataset)
+    cfg = config("model.item_embedding=sasrec", "sft.max_epochs=1", "sft.tasks={seqrec: 1.0}")
+    torch.manual_seed(0)
+    sasrec = SASRec(tiny_dataset.num_items, max_len=5, hidden_size=8).eval()
+    summary = train_sft(cfg, tiny_dataset, codes, texts, tmp_path / "out", tmp_path / "work", teacher=sasrec)
+    rec = GenerativeRecommender.load(tmp_path / "out" / "model", device="cpu")
+    items = item_embedding.find(rec.model)
+    # The SASRec rows without its padding row, unchanged; only the 8 -> 32 projection trained.
+    torch.testing.assert_close(items.table.weight[1:], sasrec.item_emb.weight[1:].detach())
+    assert items.proj.weight.shape == (32, 8)
+    assert summary["params"]["total"] - summary["params"]["trainable"] == items.table.weight.numel()
+    # A checkpoint made under one SASRec is not resumed under another.
+    args = (cfg, tiny_dataset, codes, texts, ["seqrec"])
+    other = SASRec(tiny_dataset.num_items, max_len=5, hidden_size=8)
+    assert _fingerprint(*args, sasrec) == _fingerprint(*args, sasrec) != _fingerprint(*args, other)

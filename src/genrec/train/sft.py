@@ -292,7 +292,7 @@ def train_sft(
     # cpu=True where there is no GPU, so that torchrun / accelerate launch run DDP over gloo.
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=_mixed_precision(sft.mixed_precision))
     work_dir.mkdir(parents=True, exist_ok=True)
-    _reset_stale_work_dir(accelerator, work_dir, _fingerprint(cfg, dataset, codes, item_texts, task_names))
+    _reset_stale_work_dir(accelerator, work_dir, _fingerprint(cfg, dataset, codes, item_texts, task_names, teacher))
     set_seed(cfg.seed)
     if is_scratch(cfg.model):
         tokenizer = _prepare_tokenizer(cfg, accelerator, work_dir, codebook_sizes, task_names, item_texts)
@@ -484,14 +484,20 @@ def train_sft(
     return summary
 
 
-def _fingerprint(cfg: RunConfig, dataset: Dataset, codes: np.ndarray, item_texts: list[str], task_names) -> str:
-    """What a checkpoint is only valid for: the config (bar the time budget) and the data it trains on."""
+def _fingerprint(
+    cfg: RunConfig, dataset: Dataset, codes: np.ndarray, item_texts: list[str], task_names, sasrec=None
+) -> str:
+    """What a checkpoint is only valid for: the config (bar the time budget), the data it trains on and
+    the SASRec it reads (teacher or item vectors), if any."""
     import hashlib
 
     data = hashlib.sha256(codes.tobytes())
     for seq in dataset.train_sequences():
         data.update(seq.tobytes() + b"|")
     data.update("\n".join(item_texts).encode())
+    if sasrec is not None:
+        for name, tensor in sorted(sasrec.state_dict().items()):
+            data.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
     sft = {k: v for k, v in asdict(cfg.sft).items() if k != "max_minutes"}
     return config_hash(
         {
