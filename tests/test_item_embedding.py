@@ -98,6 +98,11 @@ def test_beam_search_with_item_vectors_equals_teacher_forcing():
         exact = log_probs[:, n - 1 : n - 1 + levels].gather(2, seqs[:, n:, None]).squeeze(-1).sum(1)  # (N,)
         torch.testing.assert_close(out.scores[b], exact[out.items[b]], atol=1e-4, rtol=0)
         assert out.items[b].tolist() == exact.argsort(descending=True).tolist()
+    # ... and the history's vectors are in those scores: without them the ranking moves.
+    with torch.no_grad():
+        item_embedding.find(rec.model).table.weight.zero_()
+    plain = rec.recommend(histories, num_beams=NUM_ITEMS, k=NUM_ITEMS)
+    assert not torch.allclose(plain.scores, out.scores, atol=1e-3)
 
 
 @pytest.mark.parametrize("pretrained", [False, True])
@@ -215,6 +220,8 @@ def test_config_names_the_bad_value():
         load_config(None, ["run_dir=x", "model.item_embedding=ids"])
     with pytest.raises(ConfigError, match="model.item_dropout"):
         load_config(None, ["run_dir=x", "model.item_dropout=1.5"])
+    with pytest.raises(ConfigError, match="seqrec recommender only; set it to none for the stage gream_sft"):
+        load_config(None, ["run_dir=x", "model.item_embedding=sasrec", "stages=[sft, gream_sft]"])
 
 
 def test_sft_on_sasrec_vectors_without_sasrec_is_a_clear_error(tiny_dataset, tmp_path):

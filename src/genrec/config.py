@@ -548,6 +548,14 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _check(bool(self.run_dir), "run_dir is required: set it in the YAML or pass run_dir=PATH")
+        # Their answers hold several SIDs generated one token at a time, which would get no item
+        # vector at inference while teacher forcing gives them one (genrec.model.item_embedding).
+        text_stages = [s for s in self.stages if s in ("gream_sft", "agent_sft")]
+        _check(
+            self.model.item_embedding == "none" or not text_stages,
+            f"model.item_embedding={self.model.item_embedding} works with the seqrec recommender only; "
+            f"set it to none for the stage {text_stages[0] if text_stages else ''}",
+        )
 
 
 # --------------------------------------------------------------------------- loading

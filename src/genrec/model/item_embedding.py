@@ -9,8 +9,11 @@ projection. The output side is unchanged: the model still generates SIDs, decode
 
 No target leaks into its own prediction: a token's logits predict the next token, and the
 item vector sits on an item's last token, which predicts what comes after the item (the
-next item's first SID token, or end of text). While an item is being generated its last
-token is never an input, and a one-token decoding step holds no complete SID at all.
+next item's first SID token, or end of text). In trie-constrained beam search an item's last
+token is never an input, and a one-token decoding step holds no complete SID at all. Free
+text generation that writes several SIDs one token at a time (GREAM's reasoning mode, the
+DeepRec agent) would give its generated SIDs no vector where teacher forcing gave one, so
+the config refuses ``model.item_embedding`` with the ``gream_sft`` and ``agent_sft`` stages.
 
 The table is a child module of the input embedding, which a forward hook (registered
 ahead of residual dropout, so dropout sees the sum) reads: every call site keeps passing
