@@ -15,7 +15,8 @@ text generation that writes several SIDs one token at a time (GREAM's reasoning 
 DeepRec agent) would give its generated SIDs no vector where teacher forcing gave one, so
 the config refuses ``model.item_embedding`` with the ``gream_sft`` and ``agent_sft`` stages.
 
-The table is a child module of the input embedding, which a forward hook (registered
+The SID -> item lookup is ``SIDTrie.lookup`` over each window of ``L`` tokens. The table is a
+child module of the input embedding, which a forward hook (registered
 ahead of residual dropout, so dropout sees the sum) reads: every call site keeps passing
 ``input_ids``, ``copy.deepcopy`` (the RL reference model) copies table and hook together,
 and the Hugging Face checkpoint stays a plain causal LM, with the table saved beside it
@@ -29,12 +30,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from genrec.sid.trie import SIDTrie
+
 ATTRIBUTE = "genrec_items"
 FILENAME = "item_embedding.pt"
 
 
 class ItemEmbedding(torch.nn.Module):
-    """The ``(N + 1, H)`` table (row 0, for "no item here", stays zero) and the SID -> item lookup."""
+    """The ``(N + 1, H)`` table (row 0, for "no item here", stays zero) and the SID -> item trie."""
 
     def __init__(
         self,
@@ -54,25 +57,19 @@ class ItemEmbedding(torch.nn.Module):
         num_items, num_levels = sid_ids.shape
         level_of = np.full(vocab_size, -1, dtype=np.int64)
         code_of = np.zeros(vocab_size, dtype=np.int64)
-        radix = []
         for level in range(num_levels):
             tokens = np.unique(sid_ids[:, level])
             if (level_of[tokens] >= 0).any():
                 raise ValueError(f"SID level {level} shares token ids with another level")
             level_of[tokens] = level
-            code_of[tokens] = np.arange(len(tokens))
-            radix.append(len(tokens))
-        strides = np.cumprod([1, *radix[:0:-1]])[::-1].copy()  # mixed radix, level 0 most significant
-        keys = (code_of[sid_ids] * strides).sum(axis=1)
-        order = np.argsort(keys, kind="stable")
-        if (np.diff(keys[order]) == 0).any():
-            raise ValueError("two items share a SID: item embeddings need collision-free SIDs (sid.collision: dedup)")
+            code_of[tokens] = np.arange(len(tokens))  # the token's rank among its level's tokens
+        try:  # SID -> item by the trie's lookup, over the ranks as codes
+            self.trie = SIDTrie(code_of[sid_ids])
+        except ValueError as exc:
+            raise ValueError(f"two items share a SID: item embeddings need collision-free SIDs; {exc}") from exc
         self.num_items, self.num_levels = num_items, num_levels
         self.register_buffer("level_of", torch.from_numpy(level_of), persistent=False)  # (V,) level or -1
         self.register_buffer("code_of", torch.from_numpy(code_of), persistent=False)  # (V,)
-        self.register_buffer("strides", torch.from_numpy(strides), persistent=False)  # (L,)
-        self.register_buffer("sorted_keys", torch.from_numpy(keys[order]), persistent=False)  # (N,)
-        self.register_buffer("item_of_key", torch.from_numpy(order), persistent=False)  # (N,)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"item dropout must be in [0, 1), got {dropout}")
         self.sid_ids, self.dropout = sid_ids, dropout
@@ -105,11 +102,15 @@ class ItemEmbedding(torch.nn.Module):
             return out
         levels = self.level_of[input_ids].unfold(1, width, 1)  # (B, T - L + 1, L)
         complete = (levels == torch.arange(width, device=input_ids.device)).all(dim=-1)
-        keys = (self.code_of[input_ids].unfold(1, width, 1) * self.strides).sum(dim=-1)
-        pos = torch.searchsorted(self.sorted_keys, keys).clamp(max=self.num_items - 1)
-        found = complete & (self.sorted_keys[pos] == keys)
-        out[:, width - 1 :] = torch.where(found, self.item_of_key[pos] + 1, 0)
+        codes = self.code_of[input_ids].unfold(1, width, 1)  # (B, T - L + 1, L)
+        items = self.trie.lookup(codes.reshape(-1, width)).view(complete.shape)  # -1: no item's SID
+        out[:, width - 1 :] = torch.where(complete & (items >= 0), items + 1, 0)
         return out
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.trie.to(self.level_of.device)  # the trie is no module: it follows the buffers
+        return self
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, T, H): each complete SID's item vector at its last token, zeros elsewhere.
@@ -134,16 +135,17 @@ class ItemEmbedding(torch.nn.Module):
         """The table of ``save`` for inference (a frozen pretrained table stays frozen)."""
         state = torch.load(path, map_location="cpu", weights_only=True)
         weight, proj = state["weight"], state.get("proj")
+        sid_ids = state["sid_ids"].numpy()
+        if weight.shape[0] != len(sid_ids) + 1:
+            raise ValueError(f"{path}: {weight.shape[0]} rows for {len(sid_ids)} items (+1 for no item)")
         if proj is None:
-            emb = cls(state["sid_ids"].numpy(), vocab_size, weight.shape[1])
-            if weight.shape[0] != emb.num_items + 1:
-                raise ValueError(f"{path}: {weight.shape[0]} rows for {emb.num_items} items (+1 for no item)")
+            emb = cls(sid_ids, vocab_size, weight.shape[1])
             with torch.no_grad():
                 emb.table.weight.copy_(weight)
-            return emb
-        emb = cls(state["sid_ids"].numpy(), vocab_size, proj.shape[0], pretrained=weight[1:].numpy())
-        with torch.no_grad():
-            emb.proj.weight.copy_(proj)
+        else:
+            emb = cls(sid_ids, vocab_size, proj.shape[0], pretrained=weight[1:].numpy())
+            with torch.no_grad():
+                emb.proj.weight.copy_(proj)
         return emb
 
 
