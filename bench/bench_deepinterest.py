@@ -54,9 +54,9 @@ DEEPINTEREST = [
 RANK_RL = ["rl.rewards={rank: 1.0}", "rl.lr=1.0e-5", "rl.loss=dapo", "rl.prompts=targets"]
 DATASET_OVERRIDES = {
     "ml-100k": [*RANK_RL, "rl.steps=30", "rl.eval_every=10"],
-    # Text SIDs, no distillation and no item-ID inputs, as measured before configs/beauty.yaml moved to
-    # collaborative SIDs and SASRec's item vectors (2026-12-06): IEID folds the interests into the item
-    # texts that are quantised.
+    # Text SIDs of 3 levels, no distillation and no item-ID inputs, as measured before configs/beauty.yaml
+    # moved to 2-level collaborative SIDs and SASRec's item vectors (2026-12-06): IEID folds the interests
+    # into the item texts that are quantised.
     "beauty": [
         *RANK_RL,
         "rl.steps=40",
@@ -64,6 +64,7 @@ DATASET_OVERRIDES = {
         "rl.eval_users=1000",
         "rl.max_minutes=8",
         "sid.embedding=text",
+        "sid.levels=3",
         "sft.distill=0.0",
         "sft.max_minutes=20",
         "model.item_embedding=none",

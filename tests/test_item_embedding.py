@@ -83,8 +83,13 @@ def test_no_sid_token_sees_the_vector_of_its_own_item():
     assert not torch.allclose(logits()[-4:-1], before[-4:-1])
 
 
-def test_beam_search_with_item_vectors_equals_teacher_forcing():
-    rec = recommender_with_items()
+@pytest.mark.parametrize("states", [False, True])
+def test_beam_search_with_item_vectors_equals_teacher_forcing(states):
+    if states:
+        vectors = np.random.default_rng(0).normal(size=(NUM_ITEMS, 8))
+        rec = recommender_with_items(pretrained=vectors, encoder=sasrec_encoder())
+    else:
+        rec = recommender_with_items()
     histories = [[1, 2, 3], [4], [5, 6, 7, 8, 9, 10, 11]]
     out = rec.recommend(histories, num_beams=NUM_ITEMS, k=NUM_ITEMS)
     assert (out.items >= 0).all() and all(len(set(r.tolist())) == NUM_ITEMS for r in out.items)
@@ -101,16 +106,48 @@ def test_beam_search_with_item_vectors_equals_teacher_forcing():
     # ... and the history's vectors are in those scores: without them the ranking moves.
     with torch.no_grad():
         item_embedding.find(rec.model).table.weight.zero_()
+        if states:
+            item_embedding.find(rec.model).state_proj.weight.zero_()
     plain = rec.recommend(histories, num_beams=NUM_ITEMS, k=NUM_ITEMS)
     assert not torch.allclose(plain.scores, out.scores, atol=1e-3)
 
 
-@pytest.mark.parametrize("pretrained", [False, True])
-def test_save_load_keeps_the_table_beside_a_plain_checkpoint(tmp_path, pretrained):
+def sasrec_encoder(max_len: int = 4):
+    from genrec.baselines.sasrec import SASRec
+
+    torch.manual_seed(0)
+    return SASRec(NUM_ITEMS, max_len=max_len, hidden_size=8, num_layers=1, num_heads=2)
+
+
+def test_sasrec_states_are_sasrecs_own_and_see_no_later_item():
+    vectors = np.random.default_rng(0).normal(size=(NUM_ITEMS, 8))
+    rec = recommender_with_items(pretrained=vectors, encoder=sasrec_encoder(max_len=4))
+    items = item_embedding.find(rec.model)
+    items.train()
+    assert not items.encoder.training and not any(p.requires_grad for p in items.encoder.parameters())
+    ids, _ = rec.prompt_batch([[1, 2, 3, 4, 5], [6, 7]])  # 5 items: more than SASRec's window of 4
+    index = items.item_index(ids)
+    states = items.states(index)  # (B, T, 8)
+    at = index > 0
+    # At each item, SASRec's representation of the history that ends there (its last 4 items).
+    for b, history in enumerate([[1, 2, 3, 4, 5], [6, 7]]):
+        expected = items.encoder.encode([np.array(history[: k + 1]) for k in range(len(history))])
+        torch.testing.assert_close(states[b][at[b]], expected)
+    assert (states[~at] == 0).all()
+    # Appending items never moves an earlier state: teacher forcing sees what the prompt sees.
+    longer = torch.cat([ids, torch.as_tensor(rec.sid_ids[[9, 11]])], dim=1)  # a target after each history
+    torch.testing.assert_close(items.states(items.item_index(longer))[:, : ids.shape[1]], states)
+    with pytest.raises(ValueError, match="SASRec encoder has 20 items, the SIDs 19"):
+        ItemEmbedding(rec.sid_ids[:-1], len(rec.tokenizer), 8, pretrained=vectors[:-1], encoder=sasrec_encoder())
+
+
+@pytest.mark.parametrize("kind", ["learned", "sasrec", "sasrec_states"])
+def test_save_load_keeps_the_table_beside_a_plain_checkpoint(tmp_path, kind):
     from safetensors.torch import load_file
 
-    vectors = np.random.default_rng(0).normal(size=(NUM_ITEMS, 6)) if pretrained else None
-    rec = recommender_with_items(pretrained=vectors)
+    vectors = None if kind == "learned" else np.random.default_rng(0).normal(size=(NUM_ITEMS, 8))
+    encoder = sasrec_encoder() if kind == "sasrec_states" else None
+    rec = recommender_with_items(pretrained=vectors, encoder=encoder)
     before = rec.recommend([[1, 2, 3], [4]], num_beams=8, k=5)
     rec.save(tmp_path / "model")
     assert (tmp_path / "model" / item_embedding.FILENAME).is_file()
@@ -216,7 +253,7 @@ def test_item_dropout_drops_whole_vectors_in_training_only():
 def test_config_names_the_bad_value():
     from genrec.config import ConfigError, load_config
 
-    with pytest.raises(ConfigError, match="model.item_embedding must be one of none, learned, sasrec"):
+    with pytest.raises(ConfigError, match="model.item_embedding must be one of none, learned, sasrec, sasrec_states"):
         load_config(None, ["run_dir=x", "model.item_embedding=ids"])
     with pytest.raises(ConfigError, match="model.item_dropout"):
         load_config(None, ["run_dir=x", "model.item_dropout=1.5"])
@@ -234,13 +271,14 @@ def test_sft_on_sasrec_vectors_without_sasrec_is_a_clear_error(tiny_dataset, tmp
         train_sft(config("model.item_embedding=sasrec"), tiny_dataset, codes, texts, tmp_path / "o", tmp_path / "w")
 
 
-def test_sft_on_sasrec_vectors_reads_them_and_resumes_only_under_the_same_sasrec(tiny_dataset, tmp_path):
+@pytest.mark.parametrize("kind", ["sasrec", "sasrec_states"])
+def test_sft_on_sasrec_vectors_reads_them_and_resumes_only_under_the_same_sasrec(tiny_dataset, tmp_path, kind):
     from genrec.baselines.sasrec import SASRec
     from genrec.train.sft import _fingerprint, train_sft
     from test_sft import config, tiny_inputs
 
     codes, texts = tiny_inputs(tiny_dataset)
-    cfg = config("model.item_embedding=sasrec", "sft.max_epochs=1", "sft.tasks={seqrec: 1.0}")
+    cfg = config(f"model.item_embedding={kind}", "sft.max_epochs=1", "sft.tasks={seqrec: 1.0}")
     torch.manual_seed(0)
     sasrec = SASRec(tiny_dataset.num_items, max_len=5, hidden_size=8).eval()
     summary = train_sft(cfg, tiny_dataset, codes, texts, tmp_path / "out", tmp_path / "work", teacher=sasrec)
@@ -249,7 +287,18 @@ def test_sft_on_sasrec_vectors_reads_them_and_resumes_only_under_the_same_sasrec
     # The SASRec rows without its padding row, unchanged; only the 8 -> 32 projection trained.
     torch.testing.assert_close(items.table.weight[1:], sasrec.item_emb.weight[1:].detach())
     assert items.proj.weight.shape == (32, 8)
-    assert summary["params"]["total"] - summary["params"]["trainable"] == items.table.weight.numel()
+    frozen = items.table.weight.numel()
+    if kind == "sasrec_states":  # SASRec itself, frozen, whose state after each item enters through 8 -> 32
+        assert items.state_proj.weight.shape == (32, 8) and items.state_proj.weight.requires_grad
+        frozen += sum(p.numel() for p in sasrec.parameters())
+        for name, tensor in sasrec.state_dict().items():
+            torch.testing.assert_close(items.encoder.state_dict()[name], tensor)
+        ids, _ = rec.prompt_batch([[1, 2, 3]])
+        index = items.item_index(ids)
+        torch.testing.assert_close(items.states(index)[index > 0][-1], sasrec.encode([np.array([1, 2, 3])])[0])
+    else:
+        assert items.encoder is None
+    assert summary["params"]["total"] - summary["params"]["trainable"] == frozen
     # A checkpoint made under one SASRec is not resumed under another.
     args = (cfg, tiny_dataset, codes, texts, ["seqrec"])
     other = SASRec(tiny_dataset.num_items, max_len=5, hidden_size=8)

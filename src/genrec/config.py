@@ -285,7 +285,7 @@ class SIDConfig:
         )
 
 
-ITEM_EMBEDDINGS = ("none", "learned", "sasrec")
+ITEM_EMBEDDINGS = ("none", "learned", "sasrec", "sasrec_states")
 
 
 @dataclass
@@ -312,8 +312,10 @@ class ModelConfig:
     dropout: float = 0.1
     # A vector per item added at the last SID token of each item in the input
     # (genrec.model.item_embedding): the model reads item IDs beside their SIDs and still
-    # generates SIDs. "none", "learned" (a trained table) or "sasrec" (the run's SASRec item
-    # embeddings, frozen, through a trained projection). Needs collision-free SIDs (sid.collision: dedup).
+    # generates SIDs. "none", "learned" (a trained table), "sasrec" (the run's SASRec item
+    # embeddings, frozen, through a trained projection) or "sasrec_states" (those, plus the frozen
+    # SASRec's representation of the history up to each item: a hybrid that runs SASRec at
+    # inference). Needs collision-free SIDs (sid.collision: dedup).
     item_embedding: str = "none"
     # Training only: the probability that an item occurrence loses its whole vector, so the
     # model keeps reading its SID tokens too.

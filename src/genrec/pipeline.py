@@ -82,7 +82,7 @@ def sft_inputs(cfg: RunConfig) -> tuple[str, ...]:
 
 def needs_sasrec(cfg: RunConfig) -> bool:
     """Whether SFT reads the run's SASRec: as the teacher, or for its item embeddings."""
-    return cfg.sft.distill > 0 or cfg.model.item_embedding == "sasrec"
+    return cfg.sft.distill > 0 or cfg.model.item_embedding in ("sasrec", "sasrec_states")
 
 
 def sid_inputs(cfg: RunConfig) -> tuple[str, ...]:

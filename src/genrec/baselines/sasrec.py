@@ -107,7 +107,8 @@ class SASRec(nn.Module):
         """Logits over the catalogue (B, N) for the next item of each history."""
         return self.item_logits(self.encode(histories))
 
-    def save(self, path: str | Path) -> None:
+    def checkpoint(self) -> dict:
+        """The config and weights that ``from_checkpoint`` rebuilds the model from."""
         cfg = {
             "num_items": self.num_items,
             "max_len": self.max_len,
@@ -116,14 +117,20 @@ class SASRec(nn.Module):
             "num_heads": self.encoder.layers[0].self_attn.num_heads,
             "dropout": self.emb_dropout.p,
         }
-        torch.save({"config": cfg, "state_dict": self.state_dict()}, path)
+        return {"config": cfg, "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()}}
 
     @classmethod
-    def load(cls, path: str | Path) -> SASRec:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+    def from_checkpoint(cls, blob: dict) -> SASRec:
         model = cls(**blob["config"])
         model.load_state_dict(blob["state_dict"])
         return model.eval()
+
+    def save(self, path: str | Path) -> None:
+        torch.save(self.checkpoint(), path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> SASRec:
+        return cls.from_checkpoint(torch.load(path, map_location="cpu", weights_only=True))
 
 
 def training_windows(train_seqs: list[np.ndarray], max_len: int) -> tuple[np.ndarray, np.ndarray]:

@@ -5,7 +5,9 @@ a vector of its own. With ``model.item_embedding`` the recommender reads both: w
 input holds a complete SID ``t_1 .. t_L`` (levels 0..L-1 in order, a real item), the item's
 own vector is added to the input embedding of ``t_L``. ``learned`` trains an ``(N + 1, H)``
 table; ``sasrec`` reads the run's SASRec item embeddings, frozen, through a trained ``D -> H``
-projection. The output side is unchanged: the model still generates SIDs, decoded on the trie.
+projection; ``sasrec_states`` adds, through a second projection, the frozen SASRec's
+representation of the history that ends at that item (a hybrid: SASRec runs on every prompt).
+The output side is unchanged: the model still generates SIDs, decoded on the trie.
 
 No target leaks into its own prediction: a token's logits predict the next token, and the
 item vector sits on an item's last token, which predicts what comes after the item (the
@@ -47,6 +49,7 @@ class ItemEmbedding(torch.nn.Module):
         init_std: float = 0.02,
         dropout: float = 0.0,
         pretrained: np.ndarray | None = None,
+        encoder: torch.nn.Module | None = None,
     ):
         super().__init__()
         sid_ids = np.asarray(sid_ids, dtype=np.int64)
@@ -88,6 +91,17 @@ class ItemEmbedding(torch.nn.Module):
             self.proj = torch.nn.Linear(pretrained.shape[1], hidden_size, bias=False)
             with torch.no_grad():
                 self.proj.weight.normal_(0.0, init_std)
+        # ``sasrec_states``: the frozen SASRec (genrec.baselines.sasrec) that reads the history up
+        # to each item of the input; its state there enters through ``state_proj``.
+        self.encoder, self.state_proj = encoder, None
+        if encoder is not None:
+            if encoder.num_items != num_items:
+                raise ValueError(f"the SASRec encoder has {encoder.num_items} items, the SIDs {num_items}")
+            encoder.requires_grad_(False)
+            encoder.eval()
+            self.state_proj = torch.nn.Linear(encoder.item_emb.embedding_dim, hidden_size, bias=False)
+            with torch.no_grad():
+                self.state_proj.weight.normal_(0.0, init_std)
 
     def item_index(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, T) long: ``item_id + 1`` at the last token of each complete SID in ``input_ids``, else 0.
@@ -107,6 +121,40 @@ class ItemEmbedding(torch.nn.Module):
         out[:, width - 1 :] = torch.where(complete & (items >= 0), items + 1, 0)
         return out
 
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.encoder is not None:
+            self.encoder.eval()  # frozen: its dropout stays off in training too
+        return self
+
+    def states(self, index: torch.Tensor) -> torch.Tensor:
+        """(B, T, D): at each item of ``index`` (``item_index``'s output), SASRec's state after it.
+
+        The state at a row's ``k``-th item is SASRec's user representation of the history that
+        ends there (its last ``max_len`` items, end-aligned, as ``SASRec.encode`` reads them):
+        what beam search sees at the end of a prompt is what teacher forcing sees at that item,
+        and no item ever reads a later one. One encoder pass per item of the batch.
+        """
+        mask = index > 0  # (B, T)
+        max_len = self.encoder.max_len
+        count = mask.sum(dim=1)  # (B,)
+        width = int(count.max()) if index.numel() else 0
+        states = torch.zeros(*index.shape, self.encoder.item_emb.embedding_dim, device=index.device)
+        if width == 0:
+            return states
+        rank = mask.long().cumsum(dim=1) - 1  # (B, T): the item's place among its row's items
+        items = torch.zeros(index.shape[0], width + 1, dtype=torch.long, device=index.device)  # column K: a sink
+        items.scatter_(1, torch.where(mask, rank, width), index)  # (B, K + 1): SASRec's ids (item + 1) in order
+        items = torch.nn.functional.pad(items[:, :width], (max_len - 1, 0))  # (B, max_len - 1 + K)
+        windows = items.unfold(1, max_len, 1)  # (B, K, max_len): window k ends at item k
+        live = torch.arange(width, device=index.device) < count.unsqueeze(1)  # (B, K)
+        with torch.no_grad():
+            last = self.encoder(windows[live])[:, -1]  # (P, D)
+        per_item = last.new_zeros(*live.shape, last.shape[-1])
+        per_item[live] = last
+        states[mask] = per_item[live]  # both in row order
+        return states
+
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
         self.trie.to(self.level_of.device)  # the trie is no module: it follows the buffers
@@ -119,15 +167,20 @@ class ItemEmbedding(torch.nn.Module):
         the model keeps reading the SID tokens as well (at inference every vector is there).
         """
         index = self.item_index(input_ids)
+        states = None if self.encoder is None else self.state_proj(self.states(index))  # before dropout
         if self.training and self.dropout > 0:
             index = index * (torch.rand(index.shape, device=index.device) >= self.dropout)
         vectors = self.table(index)
-        return vectors if self.proj is None else self.proj(vectors)
+        vectors = vectors if self.proj is None else self.proj(vectors)
+        return vectors if states is None else vectors + states
 
     def save(self, path: str | Path) -> None:
         state = {"sid_ids": torch.from_numpy(self.sid_ids), "weight": self.table.weight.detach().cpu()}
         if self.proj is not None:
             state["proj"] = self.proj.weight.detach().cpu()
+        if self.encoder is not None:
+            state["state_proj"] = self.state_proj.weight.detach().cpu()
+            state["encoder"] = self.encoder.checkpoint()
         torch.save(state, path)
 
     @classmethod
@@ -143,9 +196,16 @@ class ItemEmbedding(torch.nn.Module):
             with torch.no_grad():
                 emb.table.weight.copy_(weight)
         else:
-            emb = cls(sid_ids, vocab_size, proj.shape[0], pretrained=weight[1:].numpy())
+            encoder = None
+            if "encoder" in state:
+                from genrec.baselines.sasrec import SASRec
+
+                encoder = SASRec.from_checkpoint(state["encoder"])
+            emb = cls(sid_ids, vocab_size, proj.shape[0], pretrained=weight[1:].numpy(), encoder=encoder)
             with torch.no_grad():
                 emb.proj.weight.copy_(proj)
+                if encoder is not None:
+                    emb.state_proj.weight.copy_(state["state_proj"])
         return emb
 
 

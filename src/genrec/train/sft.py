@@ -225,11 +225,15 @@ def _attach_item_embedding(cfg: RunConfig, backbone, codes: np.ndarray, sasrec) 
     """``model.item_embedding``: a learned table, or SASRec's item rows (frozen) through a projection."""
     from genrec.model.item_embedding import ItemEmbedding, attach
 
-    pretrained = None
-    if cfg.model.item_embedding == "sasrec":
+    pretrained = encoder = None
+    if cfg.model.item_embedding in ("sasrec", "sasrec_states"):
         if sasrec is None:
             raise ConfigError("model.item_embedding: sasrec needs the run's SASRec, which only the 'sft' stage loads")
         pretrained = sasrec.item_emb.weight[1:].detach().cpu().numpy()  # (N, D); row 0 is SASRec's padding
+        if cfg.model.item_embedding == "sasrec_states":
+            import copy
+
+            encoder = copy.deepcopy(sasrec)
     config = unwrap_model(backbone.model).config
     table = ItemEmbedding(
         backbone.vocab.sid_to_ids(codes),
@@ -238,6 +242,7 @@ def _attach_item_embedding(cfg: RunConfig, backbone, codes: np.ndarray, sasrec) 
         getattr(config, "initializer_range", 0.02),
         dropout=cfg.model.item_dropout,
         pretrained=pretrained,
+        encoder=encoder,
     )
     attach(backbone.model, table)
 
