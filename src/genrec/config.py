@@ -286,6 +286,8 @@ class SIDConfig:
 
 
 ITEM_EMBEDDINGS = ("none", "learned", "sasrec", "sasrec_states")
+# The item embeddings read from the run's SASRec (its stage then feeds sft).
+SASREC_ITEM_EMBEDDINGS = ("sasrec", "sasrec_states")
 
 
 @dataclass

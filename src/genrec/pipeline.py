@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from genrec.config import RunConfig, config_hash, to_dict
+from genrec.config import SASREC_ITEM_EMBEDDINGS, RunConfig, config_hash, to_dict
 from genrec.io import read_json, sha256_file, write_json
 
 log = logging.getLogger("genrec")
@@ -75,14 +75,14 @@ def text_inputs(cfg: RunConfig) -> tuple[str, ...]:
 
 def sft_inputs(cfg: RunConfig) -> tuple[str, ...]:
     """``rldi`` when ``sft.tasks`` trains ``interest2sid`` (it reads the labelled prefix interests),
-    ``sasrec`` when ``sft.distill`` > 0 (the teacher) or ``model.item_embedding`` is ``sasrec``."""
+    ``sasrec`` when ``sft.distill`` > 0 (the teacher) or ``model.item_embedding`` reads SASRec."""
     extra = ("rldi",) if cfg.sft.tasks.get("interest2sid", 0) > 0 else ()
     return extra + (("sasrec",) if needs_sasrec(cfg) else ())
 
 
 def needs_sasrec(cfg: RunConfig) -> bool:
     """Whether SFT reads the run's SASRec: as the teacher, or for its item embeddings."""
-    return cfg.sft.distill > 0 or cfg.model.item_embedding in ("sasrec", "sasrec_states")
+    return cfg.sft.distill > 0 or cfg.model.item_embedding in SASREC_ITEM_EMBEDDINGS
 
 
 def sid_inputs(cfg: RunConfig) -> tuple[str, ...]:

@@ -149,10 +149,7 @@ class ItemEmbedding(torch.nn.Module):
         windows = items.unfold(1, max_len, 1)  # (B, K, max_len): window k ends at item k
         live = torch.arange(width, device=index.device) < count.unsqueeze(1)  # (B, K)
         with torch.no_grad():
-            last = self.encoder(windows[live])[:, -1]  # (P, D)
-        per_item = last.new_zeros(*live.shape, last.shape[-1])
-        per_item[live] = last
-        states[mask] = per_item[live]  # both in row order
+            states[mask] = self.encoder(windows[live])[:, -1]  # row-major (b, k) on both sides
         return states
 
     def _apply(self, fn, recurse=True):

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from genrec.config import ConfigError, RunConfig, config_hash
+from genrec.config import SASREC_ITEM_EMBEDDINGS, ConfigError, RunConfig, config_hash
 from genrec.data.dataset import Dataset, Examples
 from genrec.io import atomic_write_text, read_json, write_json
 from genrec.model.backbone import unwrap_model
@@ -222,13 +222,17 @@ def _valid_metrics(recommender, valid: Examples, cfg: RunConfig, accelerator) ->
 
 
 def _attach_item_embedding(cfg: RunConfig, backbone, codes: np.ndarray, sasrec) -> None:
-    """``model.item_embedding``: a learned table, or SASRec's item rows (frozen) through a projection."""
+    """``model.item_embedding``: a learned table, or SASRec's item rows (frozen) through a projection
+    (with ``sasrec_states``, a frozen copy of SASRec itself as well)."""
     from genrec.model.item_embedding import ItemEmbedding, attach
 
     pretrained = encoder = None
-    if cfg.model.item_embedding in ("sasrec", "sasrec_states"):
+    if cfg.model.item_embedding in SASREC_ITEM_EMBEDDINGS:
         if sasrec is None:
-            raise ConfigError("model.item_embedding: sasrec needs the run's SASRec, which only the 'sft' stage loads")
+            raise ConfigError(
+                f"model.item_embedding: {cfg.model.item_embedding} needs the run's SASRec, which only the 'sft' "
+                "stage loads"
+            )
         pretrained = sasrec.item_emb.weight[1:].detach().cpu().numpy()  # (N, D); row 0 is SASRec's padding
         if cfg.model.item_embedding == "sasrec_states":
             import copy
@@ -265,7 +269,7 @@ def train_sft(
     ``on_epoch_end(row, model)`` runs in every process after each epoch's checkpoint is
     written, with the row of ``curves.jsonl`` and the (unwrapped) causal LM. ``teacher``, a
     trained ``SASRec`` of the same dataset, is required when ``sft.distill`` > 0 or
-    ``model.item_embedding`` is ``sasrec``. Resumes from ``work_dir`` when it holds a checkpoint. Writes
+    ``model.item_embedding`` reads SASRec. Resumes from ``work_dir`` when it holds a checkpoint. Writes
     ``out_dir/model``, ``curves.jsonl`` and ``train_summary.json``; returns the summary.
     """
     from accelerate import Accelerator
