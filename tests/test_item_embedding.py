@@ -83,14 +83,13 @@ def test_no_sid_token_sees_the_vector_of_its_own_item():
     assert not torch.allclose(logits()[-4:-1], before[-4:-1])
 
 
-@pytest.mark.parametrize("kind", ["learned", "sasrec_states", "output"])
-def test_beam_search_with_item_vectors_equals_teacher_forcing(kind):
-    states = kind == "sasrec_states"
+@pytest.mark.parametrize("states", [False, True])
+def test_beam_search_with_item_vectors_equals_teacher_forcing(states):
     if states:
         vectors = np.random.default_rng(0).normal(size=(NUM_ITEMS, 8))
         rec = recommender_with_items(pretrained=vectors, encoder=sasrec_encoder())
     else:
-        rec = recommender_with_items(output=kind == "output")
+        rec = recommender_with_items()
     histories = [[1, 2, 3], [4], [5, 6, 7, 8, 9, 10, 11]]
     out = rec.recommend(histories, num_beams=NUM_ITEMS, k=NUM_ITEMS)
     assert (out.items >= 0).all() and all(len(set(r.tolist())) == NUM_ITEMS for r in out.items)
@@ -304,78 +303,3 @@ def test_sft_on_sasrec_vectors_reads_them_and_resumes_only_under_the_same_sasrec
     args = (cfg, tiny_dataset, codes, texts, ["seqrec"])
     other = SASRec(tiny_dataset.num_items, max_len=5, hidden_size=8)
     assert _fingerprint(*args, sasrec) == _fingerprint(*args, sasrec) != _fingerprint(*args, other)
-
-
-def test_the_output_side_scores_each_prefix_by_the_mean_vector_of_its_items():
-    # Items as SID token ids: level 0 takes ids 10-11, level 1 ids 20-22, level 2 ids 30-31.
-    sid_ids = np.array([[10, 20, 30], [10, 20, 31], [10, 21, 30], [11, 20, 30], [11, 22, 30]])
-    vectors = np.random.default_rng(0).normal(size=(5, 3))
-    items = ItemEmbedding(sid_ids, vocab_size=40, hidden_size=4, pretrained=vectors, output=True)
-    hidden = torch.randn(5, 4)
-    context = torch.tensor([1, 31, 10, 11, 20])  # text, an item's last token, level 0 twice, level 1
-    with torch.no_grad():
-        bonus = items.output_bonus(hidden, context, 40)
-        query = items.out_proj(hidden)  # (5, 3)
-    v = torch.as_tensor(vectors, dtype=torch.float32)
-    # Where an item may start: each level-0 code, by the mean vector of the items under it.
-    for row in (0, 1):
-        torch.testing.assert_close(bonus[row, [10, 11]], torch.stack([v[:3].mean(0), v[3:].mean(0)]) @ query[row])
-        assert (bonus[row, 12:] == 0).all() and (bonus[row, :10] == 0).all()
-    # After a level-0 token, each level-1 code by the items under (that token, the code); absent pairs get 0.
-    torch.testing.assert_close(bonus[2, [20, 21]], torch.stack([v[:2].mean(0), v[2]]) @ query[2])
-    torch.testing.assert_close(bonus[3, [20, 22]], torch.stack([v[3], v[4]]) @ query[3])
-    assert bonus[2, 22] == 0 and bonus[3, 21] == 0
-    assert (bonus[2, :20] == 0).all() and (bonus[2, 23:] == 0).all()
-    # Deeper levels: their prefix is not in the input token alone, so nothing is added.
-    assert (bonus[4] == 0).all()
-
-
-def test_the_output_side_reaches_the_logits_of_every_call_and_saves_with_the_table(tmp_path):
-    vectors = np.random.default_rng(0).normal(size=(NUM_ITEMS, 8))
-    rec = recommender_with_items(pretrained=vectors, output=True)
-    items = item_embedding.find(rec.model)
-    ids, _ = rec.prompt_batch([[1, 2, 3]])
-    with torch.no_grad():
-        full = rec.model(input_ids=ids).logits
-        last = rec.model(input_ids=ids, logits_to_keep=1).logits  # only the last position's input is read
-        torch.testing.assert_close(last[:, -1], full[:, -1])
-        items.out_proj.weight.zero_()
-        assert not torch.allclose(rec.model(input_ids=ids).logits, full)
-        items.out_proj.weight.normal_()
-    # The LM head alone has no input to read: a clear error rather than a stale one.
-    with pytest.raises(RuntimeError, match="without a fresh input"):
-        rec.model.get_output_embeddings()(torch.zeros(1, rec.model.config.hidden_size))
-    before = rec.recommend([[1, 2, 3], [4]], num_beams=8, k=5)
-    rec.save(tmp_path / "model")
-    loaded = GenerativeRecommender.load(tmp_path / "model", device="cpu")
-    torch.testing.assert_close(item_embedding.find(loaded.model).out_proj.weight, items.out_proj.weight)
-    after = loaded.recommend([[1, 2, 3], [4]], num_beams=8, k=5)
-    assert torch.equal(before.items, after.items)
-    torch.testing.assert_close(before.scores, after.scores, atol=1e-5, rtol=0)
-    reference = copy.deepcopy(rec.model)  # the RL reference: its head reads its own copy of the table
-    with torch.no_grad():
-        frozen = reference(input_ids=ids).logits
-        items.out_proj.weight.add_(1.0)
-        torch.testing.assert_close(reference(input_ids=ids).logits, frozen, atol=0, rtol=0)
-
-
-def test_sft_trains_the_output_projection(tiny_dataset, tmp_path):
-    from genrec.baselines.sasrec import SASRec
-    from genrec.config import ConfigError, load_config
-    from genrec.train.sft import train_sft
-    from test_sft import config, tiny_inputs
-
-    codes, texts = tiny_inputs(tiny_dataset)
-    overrides = ["model.item_embedding=sasrec", "sft.max_epochs=1", "sft.tasks={seqrec: 1.0}"]
-    torch.manual_seed(0)
-    sasrec = SASRec(tiny_dataset.num_items, max_len=5, hidden_size=8).eval()
-    args = (tiny_dataset, codes, texts)
-    plain = train_sft(config(*overrides), *args, tmp_path / "o1", tmp_path / "w1", teacher=sasrec)
-    out = train_sft(
-        config(*overrides, "model.item_output=true"), *args, tmp_path / "o2", tmp_path / "w2", teacher=sasrec
-    )
-    assert out["params"]["trainable"] - plain["params"]["trainable"] == 32 * 8  # the H -> D projection
-    items = item_embedding.find(GenerativeRecommender.load(tmp_path / "o2" / "model", device="cpu").model)
-    assert items.out_proj.weight.shape == (8, 32) and items.out_proj.weight.abs().sum() > 0
-    with pytest.raises(ConfigError, match="model.item_output scores SIDs with the item vectors"):
-        load_config(None, ["run_dir=x", "model.item_output=true"])

@@ -322,9 +322,6 @@ class ModelConfig:
     # Training only: the probability that an item occurrence loses its whole vector, so the
     # model keeps reading its SID tokens too.
     item_dropout: float = 0.0
-    # The item vectors on the output side too: the logits of the first two SID levels get
-    # ``proj(h) . mean vector`` of the items under each candidate prefix (needs item_embedding).
-    item_output: bool = False
 
     def __post_init__(self) -> None:
         _check(bool(self.backbone), "model.backbone must be 'scratch' or a local checkpoint directory")
@@ -345,10 +342,6 @@ class ModelConfig:
             f"model.item_embedding must be one of {', '.join(ITEM_EMBEDDINGS)}, got {self.item_embedding!r}",
         )
         _check(0.0 <= self.item_dropout < 1.0, f"model.item_dropout must be in [0, 1), got {self.item_dropout}")
-        _check(
-            not self.item_output or self.item_embedding != "none",
-            "model.item_output scores SIDs with the item vectors of model.item_embedding, which is none",
-        )
 
 
 @dataclass

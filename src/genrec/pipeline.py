@@ -34,7 +34,6 @@ log = logging.getLogger("genrec")
 ADDED_KEYS: dict[str, Any] = {
     "model.item_dropout": 0.0,
     "model.item_embedding": "none",
-    "model.item_output": False,
     "rl.scale_rewards": "group",
     "rl.prompts": "targets",
     "sft.distill": 0.0,

@@ -50,7 +50,6 @@ class ItemEmbedding(torch.nn.Module):
         dropout: float = 0.0,
         pretrained: np.ndarray | None = None,
         encoder: torch.nn.Module | None = None,
-        output: bool = False,
     ):
         super().__init__()
         sid_ids = np.asarray(sid_ids, dtype=np.int64)
@@ -103,62 +102,6 @@ class ItemEmbedding(torch.nn.Module):
             self.state_proj = torch.nn.Linear(encoder.item_emb.embedding_dim, hidden_size, bias=False)
             with torch.no_grad():
                 self.state_proj.weight.normal_(0.0, init_std)
-
-        # ``model.item_output``: the item vectors score the first two SID levels as well.
-        self.out_proj, self.context = None, None
-        if output:
-            self._build_output(hidden_size, init_std)
-
-    def _build_output(self, hidden_size: int, init_std: float) -> None:
-        """The trie's first two levels as (level-0 code) and (level-0, level-1 code) groups of items."""
-        ranks = self.code_of[torch.from_numpy(self.sid_ids)]  # (N, L) codes as ranks
-        tokens = [torch.from_numpy(np.unique(self.sid_ids[:, level])) for level in range(min(2, self.num_levels))]
-        self.register_buffer("out_tokens0", tokens[0], persistent=False)  # (C0,) level-0 token ids by rank
-        self.register_buffer("item_group0", ranks[:, 0].clone(), persistent=False)  # (N,)
-        if self.num_levels >= 2:
-            self.register_buffer("out_tokens1", tokens[1], persistent=False)  # (C1,)
-            pair = ranks[:, 0] * len(tokens[1]) + ranks[:, 1]  # (N,) mixed radix
-            pairs, item_pair = torch.unique(pair, return_inverse=True)  # (P,), (N,)
-            pair_of = torch.full((len(tokens[0]) * len(tokens[1]),), len(pairs), dtype=torch.long)
-            pair_of[pairs] = torch.arange(len(pairs))  # absent pairs read row P, which stays zero
-            self.register_buffer("item_group1", item_pair, persistent=False)  # (N,)
-            self.register_buffer("pair_of", pair_of.view(len(tokens[0]), len(tokens[1])), persistent=False)
-        width = self.table.embedding_dim
-        self.out_proj = torch.nn.Linear(hidden_size, width, bias=False)
-        with torch.no_grad():
-            self.out_proj.weight.normal_(0.0, init_std)
-
-    def _group_means(self, group: torch.Tensor, num_groups: int) -> torch.Tensor:
-        """(G, D): the mean item vector of each group (row ``num_groups`` extra, zero, for "none")."""
-        vectors = self.table.weight[1:]  # (N, D)
-        sums = vectors.new_zeros(num_groups + 1, vectors.shape[1]).index_add_(0, group, vectors)
-        counts = torch.bincount(group, minlength=num_groups + 1).clamp(min=1).unsqueeze(1)
-        return sums / counts
-
-    def output_bonus(self, hidden: torch.Tensor, context: torch.Tensor, vocab_size: int) -> torch.Tensor:
-        """(M, V): what the item vectors add to the logits of ``M`` positions, given each one's input token.
-
-        After a level-0 token ``a`` (the next token is of level 1), each level-1 code ``c`` gets
-        ``out_proj(h) . mean vector of the items under (a, c)``; after any token that is not an
-        unfinished SID prefix (the next token may start an item), each level-0 code ``a`` gets
-        ``out_proj(h) . mean vector of the items under a``. Deeper levels get nothing: their
-        prefix is not in the input token alone.
-        """
-        query = self.out_proj(hidden)  # (M, D)
-        level = self.level_of[context]  # (M,)
-        bonus = hidden.new_zeros(len(context), vocab_size)
-        start = (level < 0) | (level == self.num_levels - 1)
-        rows = start.nonzero().squeeze(1)
-        if len(rows):
-            means = self._group_means(self.item_group0, len(self.out_tokens0))[:-1]  # (C0, D)
-            bonus[rows.unsqueeze(1), self.out_tokens0] = query[rows] @ means.T
-        if self.num_levels >= 2:
-            rows = ((level == 0) & ~start).nonzero().squeeze(1)
-            if len(rows):
-                means = self._group_means(self.item_group1, int(self.item_group1.max()) + 1)  # (P + 1, D)
-                children = means[self.pair_of[self.code_of[context[rows]]]]  # (M1, C1, D)
-                bonus[rows.unsqueeze(1), self.out_tokens1] = torch.einsum("md,mcd->mc", query[rows], children)
-        return bonus
 
     def item_index(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, T) long: ``item_id + 1`` at the last token of each complete SID in ``input_ids``, else 0.
@@ -235,8 +178,6 @@ class ItemEmbedding(torch.nn.Module):
         if self.encoder is not None:
             state["state_proj"] = self.state_proj.weight.detach().cpu()
             state["encoder"] = self.encoder.checkpoint()
-        if self.out_proj is not None:
-            state["out_proj"] = self.out_proj.weight.detach().cpu()
         torch.save(state, path)
 
     @classmethod
@@ -245,11 +186,10 @@ class ItemEmbedding(torch.nn.Module):
         state = torch.load(path, map_location="cpu", weights_only=True)
         weight, proj = state["weight"], state.get("proj")
         sid_ids = state["sid_ids"].numpy()
-        out_proj = state.get("out_proj")
         if weight.shape[0] != len(sid_ids) + 1:
             raise ValueError(f"{path}: {weight.shape[0]} rows for {len(sid_ids)} items (+1 for no item)")
         if proj is None:
-            emb = cls(sid_ids, vocab_size, weight.shape[1], output=out_proj is not None)
+            emb = cls(sid_ids, vocab_size, weight.shape[1])
             with torch.no_grad():
                 emb.table.weight.copy_(weight)
         else:
@@ -258,47 +198,16 @@ class ItemEmbedding(torch.nn.Module):
                 from genrec.baselines.sasrec import SASRec
 
                 encoder = SASRec.from_checkpoint(state["encoder"])
-            emb = cls(
-                sid_ids,
-                vocab_size,
-                proj.shape[0],
-                pretrained=weight[1:].numpy(),
-                encoder=encoder,
-                output=out_proj is not None,
-            )
+            emb = cls(sid_ids, vocab_size, proj.shape[0], pretrained=weight[1:].numpy(), encoder=encoder)
             with torch.no_grad():
                 emb.proj.weight.copy_(proj)
                 if encoder is not None:
                     emb.state_proj.weight.copy_(state["state_proj"])
-        if out_proj is not None:
-            with torch.no_grad():
-                emb.out_proj.weight.copy_(out_proj)
         return emb
 
 
 def _add_items(module, args, output):
-    items = getattr(module, ATTRIBUTE)
-    if items.out_proj is not None:
-        items.context = args[0]  # the output hook reads each position's input token
-    return output + items(args[0]).to(output.dtype)
-
-
-def _add_output_bonus(module, args, output):
-    """Forward hook of the LM head: add ``output_bonus`` for the positions of the last input."""
-    items = module.__dict__[ATTRIBUTE]
-    hidden, context = args[0], items.context
-    items.context = None  # each forward pass's logits are scored once, against its own input
-    if context is None:
-        raise RuntimeError(
-            "model.item_output: the LM head ran without a fresh input (the input embedding sets it; "
-            "a caller that gathers hidden states sets ItemEmbedding.context to their input tokens)"
-        )
-    if context.shape != hidden.shape[:-1]:
-        if context.dim() != 2 or hidden.dim() != 3 or hidden.shape[1] > context.shape[1]:
-            raise RuntimeError(f"model.item_output: hidden {tuple(hidden.shape)} against input {tuple(context.shape)}")
-        context = context[:, context.shape[1] - hidden.shape[1] :]  # logits_to_keep: the last positions
-    bonus = items.output_bonus(hidden.reshape(-1, hidden.shape[-1]), context.reshape(-1), output.shape[-1])
-    return output + bonus.view(output.shape).to(output.dtype)
+    return output + getattr(module, ATTRIBUTE)(args[0]).to(output.dtype)
 
 
 def attach(model, items: ItemEmbedding) -> ItemEmbedding:
@@ -309,11 +218,6 @@ def attach(model, items: ItemEmbedding) -> ItemEmbedding:
     embed.add_module(ATTRIBUTE, items)
     if first_time:
         embed.register_forward_hook(_add_items, prepend=True)
-    if items.out_proj is not None:
-        head = model.get_output_embeddings()
-        if ATTRIBUTE not in head.__dict__:
-            head.register_forward_hook(_add_output_bonus)
-        head.__dict__[ATTRIBUTE] = items  # a plain attribute: no second owner in the state dict
     return items
 
 

@@ -39,7 +39,6 @@ import torch.nn.functional as F
 from genrec.config import SASREC_ITEM_EMBEDDINGS, ConfigError, RunConfig, config_hash
 from genrec.data.dataset import Dataset, Examples
 from genrec.io import atomic_write_text, read_json, write_json
-from genrec.model import item_embedding
 from genrec.model.backbone import unwrap_model
 
 log = logging.getLogger("genrec")
@@ -70,9 +69,6 @@ class NextTokenLoss(torch.nn.Module):
         hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
         target = labels[:, 1:]  # (B, T-1): position p predicts token p + 1
         keep = target != -100
-        items = item_embedding.find(base)
-        if items is not None and items.out_proj is not None:
-            items.context = input_ids[:, :-1][keep]  # (P,): the input token at each labelled position
         logits = base.get_output_embeddings()(hidden[:, :-1][keep])  # (P, V)
         loss = F.cross_entropy(logits.float(), target[keep])
         if distill is not None and self.distill_weight > 0:
@@ -251,7 +247,6 @@ def _attach_item_embedding(cfg: RunConfig, backbone, codes: np.ndarray, sasrec) 
         dropout=cfg.model.item_dropout,
         pretrained=pretrained,
         encoder=encoder,
-        output=cfg.model.item_output,
     )
     attach(backbone.model, table)
 
