@@ -303,29 +303,3 @@ def test_sft_on_sasrec_vectors_reads_them_and_resumes_only_under_the_same_sasrec
     args = (cfg, tiny_dataset, codes, texts, ["seqrec"])
     other = SASRec(tiny_dataset.num_items, max_len=5, hidden_size=8)
     assert _fingerprint(*args, sasrec) == _fingerprint(*args, sasrec) != _fingerprint(*args, other)
-
-
-def test_sft_on_sasrec_and_text_vectors_reads_both_side_by_side(tiny_dataset, tmp_path):
-    from genrec.baselines.sasrec import SASRec
-    from genrec.config import ConfigError
-    from genrec.train.sft import _fingerprint, train_sft
-    from test_sft import config, tiny_inputs
-
-    codes, texts = tiny_inputs(tiny_dataset)
-    cfg = config("model.item_embedding=sasrec+text", "sft.max_epochs=1", "sft.tasks={seqrec: 1.0}")
-    torch.manual_seed(0)
-    sasrec = SASRec(tiny_dataset.num_items, max_len=5, hidden_size=8).eval()
-    text = np.random.default_rng(0).normal(size=(tiny_dataset.num_items, 6))
-    args = (cfg, tiny_dataset, codes, texts)
-    with pytest.raises(ConfigError, match="needs one text embedding per item"):
-        train_sft(*args, tmp_path / "o", tmp_path / "w", teacher=sasrec, text_vectors=text[:-1])
-    train_sft(*args, tmp_path / "out", tmp_path / "work", teacher=sasrec, text_vectors=text)
-    items = item_embedding.find(GenerativeRecommender.load(tmp_path / "out" / "model", device="cpu").model)
-    rows = sasrec.item_emb.weight[1:].detach()  # (N, 8)
-    unit = torch.as_tensor(text / np.linalg.norm(text, axis=1, keepdims=True), dtype=torch.float32)
-    # SASRec's rows, then the unit text rows scaled to SASRec's mean row norm; one 14 -> 32 projection.
-    torch.testing.assert_close(items.table.weight[1:], torch.cat([rows, rows.norm(dim=1).mean() * unit], dim=1))
-    assert items.proj.weight.shape == (32, 8 + 6) and not items.table.weight.requires_grad
-    # A checkpoint made with other text vectors is not resumed.
-    fp = (cfg, tiny_dataset, codes, texts, ["seqrec"], sasrec)
-    assert _fingerprint(*fp, text) == _fingerprint(*fp, text) != _fingerprint(*fp, text + 1.0)

@@ -200,13 +200,3 @@ def test_sft_on_sasrec_item_vectors_depends_on_sasrec(real_graph, tmp_path):
     retrained = load_config(None, [*vectors, "sasrec.lr=0.01"])
     run_stage(retrained, "sasrec")
     assert stage_status(retrained, "sft") == "stale"
-
-
-def test_sft_on_sasrec_and_text_vectors_depends_on_both(real_graph, tmp_path):
-    """model.item_embedding=sasrec+text reads SASRec and the embed stage: a new text embedding retrains SFT."""
-    base = [f"run_dir={tmp_path / 'run'}", "stages=[sft]", "model.item_embedding=sasrec+text"]
-    run_pipeline(load_config(None, base))
-    assert {"sasrec", "embed"} <= set(CALLS) and CALLS[-1] == "sft"
-    changed = load_config(None, [*base, "embed.batch_size=7"])
-    run_stage(changed, "embed")
-    assert stage_status(changed, "sft") == "stale"

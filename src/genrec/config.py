@@ -285,11 +285,9 @@ class SIDConfig:
         )
 
 
-ITEM_EMBEDDINGS = ("none", "learned", "sasrec", "sasrec_states", "sasrec+text")
+ITEM_EMBEDDINGS = ("none", "learned", "sasrec", "sasrec_states")
 # The item embeddings read from the run's SASRec (its stage then feeds sft).
-SASREC_ITEM_EMBEDDINGS = ("sasrec", "sasrec_states", "sasrec+text")
-# ... and those that read the item text embeddings too (stage embed).
-TEXT_ITEM_EMBEDDINGS = ("sasrec+text",)
+SASREC_ITEM_EMBEDDINGS = ("sasrec", "sasrec_states")
 
 
 @dataclass
@@ -319,8 +317,7 @@ class ModelConfig:
     # generates SIDs. "none", "learned" (a trained table), "sasrec" (the run's SASRec item
     # embeddings, frozen, through a trained projection) or "sasrec_states" (those, plus the frozen
     # SASRec's representation of the history up to each item: a hybrid that runs SASRec at
-    # inference) or "sasrec+text" (SASRec's item embeddings and the item text embeddings of the
-    # embed stage, side by side, frozen, through one trained projection). Needs collision-free SIDs.
+    # inference). Needs collision-free SIDs (sid.collision: dedup).
     item_embedding: str = "none"
     # Training only: the probability that an item occurrence loses its whole vector, so the
     # model keeps reading its SID tokens too.

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from genrec.config import SASREC_ITEM_EMBEDDINGS, TEXT_ITEM_EMBEDDINGS, RunConfig, config_hash, to_dict
+from genrec.config import SASREC_ITEM_EMBEDDINGS, RunConfig, config_hash, to_dict
 from genrec.io import read_json, sha256_file, write_json
 
 log = logging.getLogger("genrec")
@@ -77,7 +77,6 @@ def sft_inputs(cfg: RunConfig) -> tuple[str, ...]:
     """``rldi`` when ``sft.tasks`` trains ``interest2sid`` (it reads the labelled prefix interests),
     ``sasrec`` when ``sft.distill`` > 0 (the teacher) or ``model.item_embedding`` reads SASRec."""
     extra = ("rldi",) if cfg.sft.tasks.get("interest2sid", 0) > 0 else ()
-    extra += ("embed",) if cfg.model.item_embedding in TEXT_ITEM_EMBEDDINGS else ()
     return extra + (("sasrec",) if needs_sasrec(cfg) else ())
 
 

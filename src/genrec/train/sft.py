@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from genrec.config import SASREC_ITEM_EMBEDDINGS, TEXT_ITEM_EMBEDDINGS, ConfigError, RunConfig, config_hash
+from genrec.config import SASREC_ITEM_EMBEDDINGS, ConfigError, RunConfig, config_hash
 from genrec.data.dataset import Dataset, Examples
 from genrec.io import atomic_write_text, read_json, write_json
 from genrec.model.backbone import unwrap_model
@@ -221,12 +221,10 @@ def _valid_metrics(recommender, valid: Examples, cfg: RunConfig, accelerator) ->
     return {"valid_ndcg@10": metrics["ndcg@10"], "valid_hr@10": metrics["hr@10"]}
 
 
-def _attach_item_embedding(cfg: RunConfig, backbone, codes: np.ndarray, sasrec, text_vectors=None) -> None:
+def _attach_item_embedding(cfg: RunConfig, backbone, codes: np.ndarray, sasrec) -> None:
     """``model.item_embedding``: a learned table, or SASRec's item rows (frozen) through a projection
-    (with ``sasrec_states``, a frozen copy of SASRec itself as well; with ``sasrec+text``, the item text
-    embeddings beside SASRec's rows, scaled to their mean norm)."""
+    (with ``sasrec_states``, a frozen copy of SASRec itself as well)."""
     from genrec.model.item_embedding import ItemEmbedding, attach
-    from genrec.text.encode import unit_rows
 
     pretrained = encoder = None
     if cfg.model.item_embedding in SASREC_ITEM_EMBEDDINGS:
@@ -236,15 +234,6 @@ def _attach_item_embedding(cfg: RunConfig, backbone, codes: np.ndarray, sasrec, 
                 "stage loads"
             )
         pretrained = sasrec.item_emb.weight[1:].detach().cpu().numpy()  # (N, D); row 0 is SASRec's padding
-        if cfg.model.item_embedding in TEXT_ITEM_EMBEDDINGS:
-            if text_vectors is None or len(text_vectors) != len(pretrained):
-                raise ConfigError(
-                    f"model.item_embedding: {cfg.model.item_embedding} needs one text embedding per item "
-                    f"(the embed stage's item_emb.npy), got {None if text_vectors is None else len(text_vectors)} "
-                    f"for {len(pretrained)} items"
-                )
-            scale = np.linalg.norm(pretrained, axis=1).mean()
-            pretrained = np.concatenate([pretrained, scale * unit_rows(np.asarray(text_vectors))], axis=1)
         if cfg.model.item_embedding == "sasrec_states":
             import copy
 
@@ -272,7 +261,6 @@ def train_sft(
     extra_tasks: dict[str, Callable] | None = None,
     on_epoch_end: Callable[[dict, object], None] | None = None,
     teacher=None,
-    text_vectors: np.ndarray | None = None,
 ) -> dict:
     """Train, keep the best valid NDCG@10 weights, and save the recommender to ``out_dir/model``.
 
@@ -281,8 +269,7 @@ def train_sft(
     ``on_epoch_end(row, model)`` runs in every process after each epoch's checkpoint is
     written, with the row of ``curves.jsonl`` and the (unwrapped) causal LM. ``teacher``, a
     trained ``SASRec`` of the same dataset, is required when ``sft.distill`` > 0 or
-    ``model.item_embedding`` reads SASRec; ``text_vectors`` (N, E), the items' text embeddings, when it
-    reads those. Resumes from ``work_dir`` when it holds a checkpoint. Writes
+    ``model.item_embedding`` reads SASRec. Resumes from ``work_dir`` when it holds a checkpoint. Writes
     ``out_dir/model``, ``curves.jsonl`` and ``train_summary.json``; returns the summary.
     """
     from accelerate import Accelerator
@@ -314,8 +301,7 @@ def train_sft(
     # cpu=True where there is no GPU, so that torchrun / accelerate launch run DDP over gloo.
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=_mixed_precision(sft.mixed_precision))
     work_dir.mkdir(parents=True, exist_ok=True)
-    fingerprint = _fingerprint(cfg, dataset, codes, item_texts, task_names, teacher, text_vectors)
-    _reset_stale_work_dir(accelerator, work_dir, fingerprint)
+    _reset_stale_work_dir(accelerator, work_dir, _fingerprint(cfg, dataset, codes, item_texts, task_names, teacher))
     set_seed(cfg.seed)
     if is_scratch(cfg.model):
         tokenizer = _prepare_tokenizer(cfg, accelerator, work_dir, codebook_sizes, task_names, item_texts)
@@ -323,7 +309,7 @@ def train_sft(
     else:
         backbone = pretrained_backbone(cfg.model, codebook_sizes, task_names)
     if cfg.model.item_embedding != "none":
-        _attach_item_embedding(cfg, backbone, codes, teacher, text_vectors)
+        _attach_item_embedding(cfg, backbone, codes, teacher)
     trie = SIDTrie(codes, codebook_sizes)
     params = count_parameters(backbone.model)
 
@@ -508,16 +494,10 @@ def train_sft(
 
 
 def _fingerprint(
-    cfg: RunConfig,
-    dataset: Dataset,
-    codes: np.ndarray,
-    item_texts: list[str],
-    task_names,
-    sasrec=None,
-    text_vectors: np.ndarray | None = None,
+    cfg: RunConfig, dataset: Dataset, codes: np.ndarray, item_texts: list[str], task_names, sasrec=None
 ) -> str:
     """What a checkpoint is only valid for: the config (bar the time budget), the data it trains on and
-    the SASRec (teacher or item vectors) and text vectors it reads, if any."""
+    the SASRec it reads (teacher or item vectors), if any."""
     import hashlib
 
     data = hashlib.sha256(codes.tobytes())
@@ -527,8 +507,6 @@ def _fingerprint(
     if sasrec is not None:
         for name, tensor in sorted(sasrec.state_dict().items()):
             data.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
-    if text_vectors is not None:
-        data.update(np.ascontiguousarray(text_vectors, dtype=np.float32).tobytes())
     sft = {k: v for k, v in asdict(cfg.sft).items() if k != "max_minutes"}
     return config_hash(
         {
@@ -620,9 +598,6 @@ def run(ctx) -> dict:
         from genrec.baselines.sasrec import SASRec
 
         teacher = SASRec.load(ctx.input("sasrec") / "model.pt")
-    text_vectors = None
-    if cfg.model.item_embedding in TEXT_ITEM_EMBEDDINGS:  # genrec.pipeline.sft_inputs: the embed stage
-        text_vectors = np.load(ctx.input("embed") / "item_emb.npy")
     return train_sft(
         cfg,
         dataset,
@@ -632,5 +607,4 @@ def run(ctx) -> dict:
         ctx.work,
         extra_tasks=extra_tasks,
         teacher=teacher,
-        text_vectors=text_vectors,
     )
