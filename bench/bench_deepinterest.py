@@ -53,10 +53,17 @@ DEEPINTEREST = [
 # SASRec-teacher RL: valid every 10 steps; on ml-100k 30 steps, on beauty 40 with valid on 1000 users.
 RANK_RL = ["rl.rewards={rank: 1.0}", "rl.lr=1.0e-5", "rl.loss=dapo", "rl.prompts=targets"]
 DATASET_OVERRIDES = {
-    "ml-100k": [*RANK_RL, "rl.steps=30", "rl.eval_every=10"],
-    # Text SIDs of 3 levels, no distillation and no item-ID inputs, as measured before configs/beauty.yaml
-    # moved to 2-level collaborative SIDs and SASRec's item vectors (2026-12-06): IEID folds the interests
-    # into the item texts that are quantised.
+    # Text SIDs of 3 levels, no distillation and no item-ID inputs, as measured before configs/ml-100k.yaml
+    # and configs/beauty.yaml moved to 2-level collaborative SIDs and SASRec's item vectors (2026-12-06):
+    # IEID folds the interests into the item texts that are quantised.
+    "ml-100k": [
+        *RANK_RL,
+        "rl.steps=30",
+        "rl.eval_every=10",
+        "sid.embedding=text",
+        "sid.levels=3",
+        "model.item_embedding=none",
+    ],
     "beauty": [
         *RANK_RL,
         "rl.steps=40",
