@@ -104,6 +104,16 @@ def test_sinkhorn_keeps_the_length_and_makes_codes_unique(quantizer):
     assert (codes != q.encode(x)).any(axis=1).sum() <= res["before"]["items_in_collisions"] * 300
 
 
+def test_item_level_appends_the_item_id_under_the_semantic_prefix(data):
+    x, _ = data
+    codes, quality, q = build_sids(x, small_cfg("rkmeans", "item", pca_dim=0), seed=0)
+    assert codes.shape == (600, 4) and quality["codebook_sizes"] == [8, 8, 8, 600]
+    np.testing.assert_array_equal(codes[:, :3], q.encode(x))  # the semantic prefix is left as it was
+    assert codes[:, 3].tolist() == list(range(600)) and quality["resolution"]["strategy"] == "item"
+    trie = SIDTrie(codes, quality["codebook_sizes"])
+    assert (trie.transitions[3] >= 0).sum() == 600  # each item is one leaf, under its own prefix only
+
+
 def test_balanced_kmeans_caps_cluster_sizes(data):
     x, _ = data
     q = ResidualKMeans(levels=2, codebook_size=8, iters=5, seed=0, balanced=True).fit(x)

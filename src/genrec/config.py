@@ -236,7 +236,8 @@ class SIDConfig:
     levels: int = 3
     codebook_size: int = 256
     # "sinkhorn" (balanced last level, then nearest free code; SIDs keep `levels` codes) or
-    # "dedup" (an extra level: the rank inside the collision group).
+    # "dedup" (an extra level: the rank inside the collision group) or "item" (an extra level
+    # whose code is the item_id: a per-item last token under the semantic prefix).
     collision: str = "dedup"
     # What is quantised: "text" (the `embed` stage's item-text embeddings), "sasrec" (the item
     # embeddings of the run's SASRec, trained on the training sequences: collaborative SIDs) or
@@ -269,12 +270,12 @@ class SIDConfig:
             f"sid.embedding must be one of {', '.join(SID_EMBEDDINGS)}, got {self.embedding!r}",
         )
         _check(
-            self.collision in ("sinkhorn", "dedup"),
-            f"sid.collision must be 'sinkhorn' or 'dedup', got {self.collision!r}",
+            self.collision in ("sinkhorn", "dedup", "item"),
+            f"sid.collision must be 'sinkhorn', 'dedup' or 'item', got {self.collision!r}",
         )
         _check(self.levels >= 1 and self.codebook_size >= 2, "sid.levels must be >= 1 and sid.codebook_size >= 2")
         _check(
-            self.levels + (self.collision == "dedup") <= 8,
+            self.levels + (self.collision != "sinkhorn") <= 8,
             f"sid.levels={self.levels} with sid.collision={self.collision} gives more than 8 SID levels "
             "(tokens are named <a_..> to <h_..>): lower sid.levels",
         )

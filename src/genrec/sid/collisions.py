@@ -1,4 +1,4 @@
-"""Making every item's SID unique: collision statistics and the two resolution strategies.
+"""Making every item's SID unique: collision statistics and the three resolution strategies.
 
 - ``dedup`` (GREAM, TIGER): append one level whose code is the item's rank inside the
   group of items sharing its SID (0 for an item alone; the rank orders by reconstruction
@@ -6,6 +6,10 @@
 - ``sinkhorn`` (LC-Rec): colliding items are re-assigned at the last level by a balanced
   (Sinkhorn) assignment over all of them, which spreads a crowd over many codes, for a few
   rounds; items still colliding then move to the nearest free SID. The SID length stays.
+- ``item`` (a hierarchical ID): append one level whose code is the item_id itself, so the
+  semantic prefix names a group of similar items and the last token is the item's own, with
+  its own input and output embedding (as an ID-based model has). The extra level has one
+  code per item, so the vocabulary grows with the catalogue (docs/sid.md).
 
 A quantiser here is any object with ``codebook_sizes``, ``level_costs(x, prefix) -> (N, K_t)``
 and ``reconstruct(codes) -> (N, D)`` (see genrec.sid.kmeans and genrec.sid.rqvae).
@@ -125,6 +129,10 @@ def resolve_collisions(
         out, extra = dedup_level(codes, errors)
         info = {"strategy": "dedup", "extra_level_size": extra}
         sizes = [*sizes, extra]
+    elif strategy == "item":
+        out = np.concatenate([codes, np.arange(len(codes), dtype=codes.dtype)[:, None]], axis=1)
+        info = {"strategy": "item", "extra_level_size": len(codes)}
+        sizes = [*sizes, len(codes)]
     elif strategy == "sinkhorn":
         if len(codes) > int(np.prod(sizes, dtype=np.float64)):
             raise ValueError(
@@ -140,7 +148,7 @@ def resolve_collisions(
             "moved_to_nearest_free": moved,
         }
     else:
-        raise ValueError(f"sid.collision must be 'dedup' or 'sinkhorn', got {strategy!r}")
+        raise ValueError(f"sid.collision must be 'dedup', 'sinkhorn' or 'item', got {strategy!r}")
     final = collision_stats(out)
     if final["n_distinct"] != len(out):
         raise AssertionError(f"collision resolution left {len(out) - final['n_distinct']} duplicate SIDs")
