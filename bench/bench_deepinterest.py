@@ -55,7 +55,8 @@ RANK_RL = ["rl.rewards={rank: 1.0}", "rl.lr=1.0e-5", "rl.loss=dapo", "rl.prompts
 DATASET_OVERRIDES = {
     # Text SIDs of 3 levels, no distillation and no item-ID inputs, as measured before configs/ml-100k.yaml
     # and configs/beauty.yaml moved to 2-level collaborative SIDs and SASRec's item vectors (2026-12-06):
-    # IEID folds the interests into the item texts that are quantised.
+    # IEID folds the interests into the item texts that are quantised. Beauty also pins the dedup level
+    # and the dropout of 0.1 that it ran with.
     "ml-100k": [
         *RANK_RL,
         "rl.steps=30",
@@ -72,9 +73,11 @@ DATASET_OVERRIDES = {
         "rl.max_minutes=8",
         "sid.embedding=text",
         "sid.levels=3",
+        "sid.collision=dedup",
         "sft.distill=0.0",
         "sft.max_minutes=20",
         "model.item_embedding=none",
+        "model.dropout=0.1",
     ],
 }
 FULL_STAGES = "stages=[prepare, popularity, sasrec, interests, rldi, text, embed, sid, sft, eval, rl]"

@@ -2,7 +2,8 @@
 
 The model is genrec's scratch backbone for a config (a Qwen2 with tied embeddings, the
 config's ``model.*`` sizes and residual dropout; vocabulary = specials + ``text_vocab_size``
-+ the SID tokens of ``sid.levels`` x ``sid.codebook_size``). A step is exactly the SFT
++ the SID tokens of ``sid.levels`` x ``sid.codebook_size`` + the extra level's: 8 dedup
+codes, or ``--items`` tokens with ``sid.collision=item``). A step is exactly the SFT
 stage's: ``NextTokenLoss`` (LM head on labelled positions only), backward, gradient
 clipping, AdamW. Batches are ``seqrec`` windows: ``(max_history + 1) * levels + 2`` tokens,
 as many as fit in ``sft.batch_tokens``, loss on every SID token after the first item's.
@@ -22,7 +23,7 @@ weights: the cost does not depend on them) scores every window's targets, and th
 joins the loss (``genrec.train.distill``). The ratio of the two medians is the overhead.
 
     python bench/bench_train.py --config configs/ml-100k.yaml
-    python bench/bench_train.py --config configs/beauty.yaml --distill-items 12101 --out /tmp/train.md
+    python bench/bench_train.py --config configs/beauty.yaml --items 12101 --distill-items 12101 --out /tmp/train.md
 """
 
 from __future__ import annotations
@@ -79,15 +80,20 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20, help="timed steps, after 3 warm-up steps")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--distill-items", type=int, default=0, help="also time sft.distill over this many items")
+    p.add_argument("--items", type=int, default=0, help="catalogue size, for sid.collision=item (one token per item)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "train.md"))
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = load_config(args.config)
     m = cfg.model
-    levels = cfg.sid.levels + (1 if cfg.sid.collision == "dedup" else 0)
+    if cfg.sid.collision == "item" and not args.items:
+        p.error("sid.collision=item needs --items (the catalogue size: its last level has one token per item)")
+    levels = cfg.sid.levels + (0 if cfg.sid.collision == "sinkhorn" else 1)
+    # The extra level: 8 dedup codes, or one token per item.
+    extra = {"dedup": 8, "sinkhorn": 0, "item": args.items}[cfg.sid.collision]
     specials = 5 + len(cfg.sft.tasks)  # <pad> <bos> <eos> <sep> <answer> and one marker per task
-    vocab = specials + m.text_vocab_size + cfg.sid.levels * cfg.sid.codebook_size + 8
+    vocab = specials + m.text_vocab_size + cfg.sid.levels * cfg.sid.codebook_size + extra
     length = (cfg.data.max_history + 1) * levels + 2
     rows = max(1, cfg.sft.batch_tokens // length)
     tokens = rows * length
@@ -129,7 +135,10 @@ def main() -> None:
         from genrec.tasks.base import Example
         from genrec.train.distill import SASRecTeacher
 
-        n_items, sizes = args.distill_items, [cfg.sid.codebook_size] * cfg.sid.levels + [8] * (levels - cfg.sid.levels)
+        n_items, sizes = (
+            args.distill_items,
+            [cfg.sid.codebook_size] * cfg.sid.levels + [extra] * (levels - cfg.sid.levels),
+        )
         codes = np.stack([np.random.default_rng(level).integers(0, k, n_items) for level, k in enumerate(sizes)], 1)
         s = cfg.sasrec
         sasrec = SASRec(n_items, cfg.data.max_history, s.hidden_size, s.num_layers, s.num_heads, s.dropout)
