@@ -16,7 +16,7 @@ harness's rankings.
 
     python bench/bench_level_breakdown.py bench/out/baselines/beauty/seed_1 --users 2000
 
-Prints mean NLLs, mean ranks and top-k shares per model (no file is written).
+Prints mean NLLs and top-k shares per model (no file is written).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def main() -> None:
 
     from genrec.baselines.sasrec import SASRec
     from genrec.data.dataset import Dataset
-    from genrec.decode.beam import score_candidates
+    from genrec.decode.beam import _PromptTree, score_candidates
     from genrec.io import read_json
     from genrec.model.recommender import GenerativeRecommender, _eval_mode
 
@@ -52,6 +52,7 @@ def main() -> None:
     first = rec.codes[:, 0]
     size, offset = rec.vocab.codebook_sizes[0], rec.vocab.offsets[0]
     groups = [np.flatnonzero(first == c) for c in range(size)]
+    members = np.eye(size)[first]  # (N, K) one-hot: which group each item is in
     width = max(len(g) for g in groups)
     gen = {"nll1": [], "rank1": [], "nll2": [], "rank2": []}
     trm = {"nll1": [], "rank1": [], "nll2": [], "rank2": []}
@@ -63,18 +64,18 @@ def main() -> None:
         for b, t in enumerate(targets):
             cand[b, : len(groups[first[t]])] = rec.sid_ids[groups[first[t]]]
         with torch.no_grad(), _eval_mode(rec.model):
-            # Positions count real tokens only, as the beam search numbers them (left padding).
-            positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
-            out = rec.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions)
-            logits = out.logits[:, -1].float()
+            logits = _PromptTree(rec.model, input_ids, attention_mask, 1).prompt_logits  # as the beam search reads it
             level1 = (logits[:, offset : offset + size] - torch.logsumexp(logits, 1, keepdim=True)).numpy()
             inside = score_candidates(rec.model, input_ids, attention_mask, torch.as_tensor(cand)).numpy()
-            item_logp = torch.log_softmax(sasrec.score(histories), dim=-1).numpy()  # (B, N)
+            item_logp = torch.log_softmax(sasrec.score(histories), dim=-1).double().numpy()  # (B, N)
+        # SASRec's log P(c1) for every group: logsumexp of its items' log-probs, as one product.
+        top = item_logp.max(axis=1, keepdims=True)
+        with np.errstate(divide="ignore"):
+            masses = np.log(np.exp(item_logp - top) @ members) + top  # (B, K)
         for b, t in enumerate(targets):
             group = groups[first[t]]
             at = int(np.flatnonzero(group == t)[0])
-            mass = np.array([np.logaddexp.reduce(item_logp[b, g]) for g in groups])  # SASRec's P(c1), (K,)
-            for out, l1, l2 in ((gen, level1[b], inside[b, : len(group)]), (trm, mass, item_logp[b, group])):
+            for out, l1, l2 in ((gen, level1[b], inside[b, : len(group)]), (trm, masses[b], item_logp[b, group])):
                 out["nll1"].append(-(l1[first[t]] - np.logaddexp.reduce(l1)))
                 out["rank1"].append(int((l1 > l1[first[t]]).sum()))
                 out["nll2"].append(-(l2[at] - np.logaddexp.reduce(l2)))
