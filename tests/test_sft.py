@@ -91,25 +91,23 @@ class Killed(Exception):
     pass
 
 
+def kill_after_first_epoch(cfg, dataset, codes, texts, root: Path) -> None:
+    """An SFT run into ``root/out`` (work dir ``root/work``) killed right after its first epoch's checkpoint."""
+
+    def kill(row, model):
+        if row["epoch"] == 1:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train_sft(cfg, dataset, codes, texts, root / "out", root / "work", on_epoch_end=kill)
+
+
 def test_resume_after_a_kill_ends_with_exactly_the_weights_of_an_uninterrupted_run(tiny_dataset, tmp_path):
     codes, texts = tiny_inputs(tiny_dataset)
     cfg = config("sft.max_epochs=2", "model.dropout=0.2", "sft.tasks={seqrec: 1.0, item2sid: 0.5}")
     straight = train_sft(cfg, tiny_dataset, codes, texts, tmp_path / "a" / "out", tmp_path / "a" / "work")
 
-    def kill_after_first_epoch(row, model):
-        if row["epoch"] == 1:
-            raise Killed
-
-    with pytest.raises(Killed):
-        train_sft(
-            cfg,
-            tiny_dataset,
-            codes,
-            texts,
-            tmp_path / "b" / "out",
-            tmp_path / "b" / "work",
-            on_epoch_end=kill_after_first_epoch,
-        )
+    kill_after_first_epoch(cfg, tiny_dataset, codes, texts, tmp_path / "b")
     assert not (tmp_path / "b" / "out").exists()
     resumed = train_sft(cfg, tiny_dataset, codes, texts, tmp_path / "b" / "out", tmp_path / "b" / "work")
 
@@ -124,6 +122,41 @@ def test_resume_after_a_kill_ends_with_exactly_the_weights_of_an_uninterrupted_r
     assert drop_timing[:2] == drop_timing[2:] and len(drop_timing) == 4
     for key in ("best_valid_ndcg@10", "best_epoch", "epochs", "steps"):
         assert straight[key] == resumed[key]
+
+
+def test_weight_average_follows_the_formula_and_swaps_back():
+    from genrec.train.sft import WeightAverage
+
+    layer = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        layer.weight.fill_(0.0)
+    average = WeightAverage(layer, decay=0.9)
+    expected = torch.zeros(1, 2)
+    for step, value in enumerate([1.0, 2.0, 4.0]):
+        with torch.no_grad():
+            layer.weight.fill_(value)
+        average.update(step)
+        d = min(0.9, (1 + step) / (10 + step))  # 0.1, 2/11, 0.25: the early steps weigh more
+        expected = d * expected + (1 - d) * value
+    with average.swapped():
+        assert torch.allclose(layer.weight, expected)
+    assert torch.equal(layer.weight, torch.full((1, 2), 4.0))  # the trained weights are back
+    assert torch.allclose(average.state_dict()["weight"], expected)
+
+
+def test_weight_average_is_what_is_kept_and_it_resumes_exactly(tiny_dataset, tmp_path):
+    codes, texts = tiny_inputs(tiny_dataset)
+    plain = config("sft.max_epochs=2")
+    averaged = config("sft.max_epochs=2", "sft.ema_decay=0.99")
+    train_sft(plain, tiny_dataset, codes, texts, tmp_path / "p" / "out", tmp_path / "p" / "work")
+    train_sft(averaged, tiny_dataset, codes, texts, tmp_path / "a" / "out", tmp_path / "a" / "work")
+
+    kill_after_first_epoch(averaged, tiny_dataset, codes, texts, tmp_path / "b")
+    assert (tmp_path / "b" / "work" / "checkpoint-0001" / "ema.pt").is_file()
+    train_sft(averaged, tiny_dataset, codes, texts, tmp_path / "b" / "out", tmp_path / "b" / "work")
+    p, a, b = (model_tensors(tmp_path / r / "out" / "model") for r in ("p", "a", "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the average came back from the checkpoint
+    assert not all(torch.equal(a[k], p[k]) for k in a)  # and it is not the last trained weights
 
 
 def test_a_checkpoint_resumes_only_under_the_same_config(tiny_dataset, tmp_path):

@@ -383,6 +383,10 @@ class SFTConfig:
     # tau = distill_temperature (genrec.train.distill, docs/sft.md). 0 trains on labels alone.
     distill: float = 0.0
     distill_temperature: float = 1.0
+    # Exponential moving average of the trainable weights (0 = off): after every optimizer step
+    # ema <- d * ema + (1 - d) * weights, d = min(ema_decay, (1 + step) / (10 + step)). Valid
+    # NDCG@10, the kept best weights and the saved model are the average's (docs/sft.md).
+    ema_decay: float = 0.0
 
     def __post_init__(self) -> None:
         _check(bool(self.tasks), "sft.tasks must name at least one task, e.g. {seqrec: 1.0}")
@@ -414,6 +418,7 @@ class SFTConfig:
         )
         _check(self.distill >= 0, f"sft.distill must be >= 0 (0 = no distillation), got {self.distill}")
         _check(self.distill_temperature > 0, f"sft.distill_temperature must be > 0, got {self.distill_temperature}")
+        _check(0 <= self.ema_decay < 1, f"sft.ema_decay must be in [0, 1) (0 = off), got {self.ema_decay}")
         _check(
             self.mixed_precision in ("auto", "no", "bf16", "fp16"),
             f"sft.mixed_precision must be 'auto', 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}",

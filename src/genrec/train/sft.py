@@ -14,6 +14,8 @@ The same loop runs on one CPU, on several CPU processes (DDP over gloo:
    fixed sample of ``eval_users`` valid users (split across processes), exactly as the
    ``eval`` stage ranks; the best weights are kept, and ``patience`` evaluations without
    improvement stop training;
+   With ``sft.ema_decay`` the evaluated and kept weights are an exponential moving average
+   of the trained ones (``WeightAverage``), carried in every checkpoint;
 5. a checkpoint (model, optimizer, scheduler, every process's RNG, epoch/step, best
    metric, curves) goes to the stage's work directory, so a killed run resumes after its
    last finished epoch and ends with exactly the weights of an uninterrupted run.
@@ -28,7 +30,8 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -154,6 +157,48 @@ def _load_trainable_state(model, state: dict[str, torch.Tensor]) -> None:
     result = model.load_state_dict(state, strict=False)
     if result.unexpected_keys:
         raise ValueError(f"best weights hold unknown parameters {result.unexpected_keys[:5]}: the work dir is stale")
+
+
+class WeightAverage:
+    """Exponential moving average of a model's trainable weights, swapped in to evaluate and save them.
+
+    ``update(step)`` after each optimizer step moves the average towards the weights by
+    ``1 - d``, with ``d = min(decay, (1 + step) / (10 + step))`` so that the first steps' random
+    weights fade fast. ``swapped()`` puts the average in the model's parameters for the body
+    of a ``with`` block and the trained weights back after it.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        self.average = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(self.average, [p.detach() for p in self.params], 1.0 - d)
+
+    @contextmanager
+    def swapped(self) -> Iterator[None]:
+        trained = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            torch._foreach_copy_(self.params, self.average)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(self.params, trained)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: a.cpu().clone() for n, a in zip(self.names, self.average)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if sorted(state) != sorted(self.names):
+            raise ValueError("the checkpoint's weight average holds other parameters: the work dir is stale")
+        for n, a in zip(self.names, self.average):
+            a.copy_(state[n])
 
 
 def _latest_checkpoint(work_dir: Path) -> Path | None:
@@ -367,6 +412,7 @@ def train_sft(
         lm, backbone.tokenizer, backbone.vocab, trie.to(accelerator.device), codes, backbone.fmt, cfg.data.max_history
     )
     valid = _valid_sample(dataset, sft.eval_users, cfg.seed)
+    average = WeightAverage(lm, sft.ema_decay) if sft.ema_decay > 0 else None
 
     state = {
         "epoch": 0,
@@ -385,6 +431,8 @@ def train_sft(
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
         state = read_json(checkpoint / "trainer_state.json")
+        if average is not None:
+            average.load_state_dict(torch.load(checkpoint / "ema.pt", map_location="cpu", weights_only=True))
         log.info("sft: resumed from %s (epoch %d)", checkpoint.name, state["epoch"])
     best_path = work_dir / "best.pt"
 
@@ -422,6 +470,8 @@ def train_sft(
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            if average is not None:
+                average.update(state["step"])
             n = int((inputs["labels"][:, 1:] != -100).sum())
             loss_sum, label_count = loss_sum + loss.item() * n, label_count + n
             tokens += int(inputs["attention_mask"].sum())
@@ -446,11 +496,13 @@ def train_sft(
         state["train_seconds"] += train_seconds
         state["cpu_seconds"] += float(totals[3])
         if (epoch + 1) % sft.eval_every == 0 or epoch + 1 == sft.max_epochs:
-            row.update(_valid_metrics(recommender, valid, cfg, accelerator))
-            if row["valid_ndcg@10"] > state["best"]:
-                state.update(best=row["valid_ndcg@10"], best_epoch=epoch + 1, bad_evals=0)
-                if accelerator.is_main_process:
+            with average.swapped() if average is not None else nullcontext():
+                row.update(_valid_metrics(recommender, valid, cfg, accelerator))
+                better = row["valid_ndcg@10"] > state["best"]
+                if better and accelerator.is_main_process:
                     _save_tensors(best_path, _trainable_state(lm))
+            if better:
+                state.update(best=row["valid_ndcg@10"], best_epoch=epoch + 1, bad_evals=0)
             else:
                 state["bad_evals"] += 1
                 if state["bad_evals"] >= sft.patience:
@@ -460,13 +512,16 @@ def train_sft(
         state["curves"].append(row)
         if state["stop"] is None and state["epoch"] == sft.max_epochs:
             state["stop"] = "max_epochs"
-        _save_checkpoint(accelerator, work_dir, state)
+        _save_checkpoint(accelerator, work_dir, state, average)
         log.info("sft epoch %d: %s", epoch + 1, ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"))
         if on_epoch_end is not None:
             on_epoch_end(row, lm)
 
     if best_path.is_file():
         _load_trainable_state(lm, torch.load(best_path, map_location="cpu", weights_only=True))
+    elif average is not None:  # stopped before any evaluation: the average is still what is kept
+        with torch.no_grad():
+            torch._foreach_copy_(average.params, average.average)
     summary = {
         "best_valid_ndcg@10": state["best"],
         "best_valid_hr@10": next(
@@ -556,12 +611,14 @@ def _write_curves(path: Path, curves: list[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in curves))
 
 
-def _save_checkpoint(accelerator, work_dir: Path, state: dict) -> None:
+def _save_checkpoint(accelerator, work_dir: Path, state: dict, average: WeightAverage | None = None) -> None:
     """A new ``checkpoint-<epoch>`` directory, then the ``latest.json`` pointer, then old ones removed."""
     name = f"checkpoint-{state['epoch']:04d}"
     path = work_dir / name
     accelerator.save_state(str(path), safe_serialization=False)
     if accelerator.is_main_process:
+        if average is not None:
+            _save_tensors(path / "ema.pt", average.state_dict())
         write_json(path / "trainer_state.json", state)
         write_json(work_dir / "latest.json", {"checkpoint": name})
         _write_curves(work_dir / "curves.jsonl", state["curves"])
