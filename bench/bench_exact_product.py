@@ -9,8 +9,8 @@ script ranks the whole catalogue by
 
     log P_gen(item) + lam * log P_SASRec(item)        for each lam in --lams
 
-with the harness's rule (seen items removed; ties counted against the target), over every
-user of the split. lam 0 is the generative model alone and must equal the ``eval`` stage's
+with the harness's own pieces (``topk_from_scores``: seen items removed, ties by item id;
+``target_ranks``, ``ndcg_at_k``, ``hit_rate_at_k``), over every user of the split. lam 0 is the generative model alone and must equal the ``eval`` stage's
 beam search when the beams cover the model's top items; ``sasrec`` is SASRec alone. With
 ``--control RUN_DIR2`` it also scores the product of this run's SASRec with another run's SASRec
 (another seed), the ensemble that any two models get for free.
@@ -31,18 +31,6 @@ from pathlib import Path
 import numpy as np
 
 
-def _metrics(scores, targets, seen, k: int = 10) -> tuple[float, float]:
-    """Sums of NDCG@k and HR@k over the rows of ``scores`` (B, N) torch, seen items removed."""
-    import torch
-
-    scores = scores.clone()
-    for b, items in enumerate(seen):
-        scores[b, torch.as_tensor(np.array(items, dtype=np.int64))] = float("-inf")
-    at_target = scores[torch.arange(len(targets)), torch.as_tensor(targets)]
-    rank = (scores > at_target[:, None]).sum(1).double()
-    return float(torch.where(rank < k, 1 / torch.log2(rank + 2), 0).sum()), float((rank < k).sum())
-
-
 def main() -> None:
     import torch
     from tqdm import tqdm
@@ -50,6 +38,8 @@ def main() -> None:
     from genrec.baselines.sasrec import SASRec
     from genrec.data.dataset import Dataset
     from genrec.decode.beam import _PromptTree
+    from genrec.eval.evaluate import topk_from_scores
+    from genrec.eval.metrics import hit_rate_at_k, ndcg_at_k, target_ranks
     from genrec.io import read_json
     from genrec.model.recommender import GenerativeRecommender, _eval_mode
 
@@ -80,11 +70,11 @@ def main() -> None:
     group = torch.as_tensor(rec.codes[:, 0])
     members = torch.eye(size, dtype=torch.float64)[group]  # (N, K)
     names = [f"lam {lam:g}" for lam in args.lams] + ["sasrec"] + (["sasrec x sasrec(control)"] if other else [])
-    sums = {name: [0.0, 0.0] for name in names}
+    ranked = {name: [] for name in names}
     start = time.perf_counter()
     for lo in tqdm(range(0, total, args.batch_size), desc="users", unit="batch"):
         rows = range(lo, min(total, lo + args.batch_size))
-        histories, targets, seen = [ex.histories[i] for i in rows], ex.targets[list(rows)], [ex.seen[i] for i in rows]
+        histories, seen = [ex.histories[i] for i in rows], [ex.seen[i] for i in rows]
         input_ids, attention_mask = rec.prompt_batch([list(map(int, h)) for h in histories])
         with torch.no_grad(), _eval_mode(rec.model):
             tree = _PromptTree(rec.model, input_ids, attention_mask, size)
@@ -98,11 +88,10 @@ def main() -> None:
             ctl = torch.log_softmax(other.score(histories).double(), dim=-1) if other else None
         scorers = [gen + lam * trm for lam in args.lams] + [trm] + ([trm + ctl] if other else [])
         for name, scores in zip(names, scorers):
-            ndcg, hr = _metrics(scores, targets, seen)
-            sums[name][0] += ndcg
-            sums[name][1] += hr
+            ranked[name].append(topk_from_scores(scores, seen, 10, exclude_seen=True))
     users = total
-    result = {name: {"ndcg@10": s[0] / users, "hr@10": s[1] / users} for name, s in sums.items()}
+    ranks = {name: target_ranks(np.concatenate(r), ex.targets[:total]) for name, r in ranked.items()}
+    result = {name: {"ndcg@10": ndcg_at_k(r, 10), "hr@10": hit_rate_at_k(r, 10)} for name, r in ranks.items()}
     print(f"{args.run_dir} {args.split}: {users} users, {time.perf_counter() - start:.0f} s")
     for name, m in result.items():
         print(f"  {name:28} NDCG@10 {m['ndcg@10']:.4f}  HR@10 {m['hr@10']:.4f}")

@@ -164,8 +164,8 @@ class WeightAverage:
 
     ``update(step)`` after each optimizer step moves the average towards the weights by
     ``1 - d``, with ``d = min(decay, (1 + step) / (10 + step))`` so that the first steps' random
-    weights fade fast. ``swapped()`` puts the average in the model's parameters for the body
-    of a ``with`` block and the trained weights back after it.
+    weights fade fast. ``copy_to_model()`` puts the average in the model's parameters;
+    ``swapped()`` does so for the body of a ``with`` block and puts the trained weights back after it.
     """
 
     def __init__(self, model: torch.nn.Module, decay: float):
@@ -180,11 +180,14 @@ class WeightAverage:
         d = min(self.decay, (1 + step) / (10 + step))
         torch._foreach_lerp_(self.average, [p.detach() for p in self.params], 1.0 - d)
 
+    @torch.no_grad()
+    def copy_to_model(self) -> None:
+        torch._foreach_copy_(self.params, self.average)
+
     @contextmanager
     def swapped(self) -> Iterator[None]:
         trained = [p.detach().clone() for p in self.params]
-        with torch.no_grad():
-            torch._foreach_copy_(self.params, self.average)
+        self.copy_to_model()
         try:
             yield
         finally:
@@ -520,8 +523,7 @@ def train_sft(
     if best_path.is_file():
         _load_trainable_state(lm, torch.load(best_path, map_location="cpu", weights_only=True))
     elif average is not None:  # stopped before any evaluation: the average is still what is kept
-        with torch.no_grad():
-            torch._foreach_copy_(average.params, average.average)
+        average.copy_to_model()
     summary = {
         "best_valid_ndcg@10": state["best"],
         "best_valid_hr@10": next(
