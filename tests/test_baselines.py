@@ -53,3 +53,86 @@ def test_sasrec_learns_a_deterministic_pattern_and_resumes(tiny_dataset, tmp_pat
     assert [r["loss"] for r in curves1] == [r["loss"] for r in curves2]
     for (k, v1), v2 in zip(m1.state_dict().items(), m2.state_dict().values()):
         assert torch.equal(v1, v2), k
+
+
+def test_train_sasrec_trains_the_model_that_build_model_gives(tiny_dataset, tmp_path):
+    cfg = SASRecConfig(hidden_size=16, num_heads=2, dropout=0.0, max_epochs=3, eval_every=1, batch_size=16, lr=5e-3)
+    built = []
+
+    def build():
+        built.append(SASRec(tiny_dataset.num_items, max_len=4, hidden_size=8, num_layers=1, num_heads=1, dropout=0.0))
+        return built[-1]
+
+    torch.manual_seed(1)  # train_sasrec seeds before it builds, so this is its starting point
+    before = {k: v.clone() for k, v in build().state_dict().items()}
+    model, curves = train_sasrec(tiny_dataset, cfg, 5, seed=1, work_dir=tmp_path, build_model=build)
+    assert model is built[-1] and model.max_len == 4 and model.item_emb.embedding_dim == 8
+    assert curves[-1]["loss"] < curves[0]["loss"]
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_bench_qwen2_items_ignores_padding_and_trains_in_sasrecs_loop(tiny_dataset, tmp_path):
+    from conftest import load_bench
+
+    Qwen2Items = load_bench("bench_backbone_ids").Qwen2Items
+    torch.manual_seed(0)
+    model = Qwen2Items(num_items=20, max_len=6, hidden=16, layers=1, heads=2, ffn=32, dropout=0.0).eval()
+    a = model.score([np.array([3, 4, 5])])  # left-padded to 6 inside
+    alone = model.item_logits(model(torch.tensor([[4, 5, 6]]))[:, -1])
+    assert torch.allclose(a, alone, atol=1e-5)
+    assert torch.isfinite(model(torch.tensor([[0, 0, 0, 0, 0, 1]]))).all()
+
+    cfg = SASRecConfig(hidden_size=16, num_heads=2, dropout=0.0, max_epochs=3, eval_every=1, batch_size=16, lr=5e-3)
+    n = tiny_dataset.num_items
+    trained, curves = train_sasrec(
+        tiny_dataset, cfg, 5, seed=1, work_dir=tmp_path, build_model=lambda: Qwen2Items(n, 5, 16, 1, 2, 32, 0.1)
+    )
+    assert isinstance(trained, Qwen2Items) and curves[-1]["loss"] < curves[0]["loss"]
+
+
+def test_bench_two_token_layout_windows_and_exact_scores():
+    from conftest import load_bench
+
+    TwoTokenItems = load_bench("bench_backbone_ids").TwoTokenItems
+    groups = np.array([0, 0, 1, 2, 1, 2, 0])  # 7 items in 3 groups: token 1 + g, item token 1 + 3 + j
+    torch.manual_seed(0)
+    model = TwoTokenItems(groups, max_len=4, hidden=16, layers=1, heads=2, ffn=32, dropout=0.0).eval()
+    # SASRec's windows of shifted ids: items 0..3 (inputs 1..3, targets 2..4) and items 2, 4.
+    x, y = model.window_tokens(torch.tensor([[0, 1, 2, 3], [0, 0, 0, 3]]), torch.tensor([[0, 2, 3, 4], [0, 0, 0, 5]]))
+    assert x.tolist() == [[0, 0, 1, 4, 1, 5, 2, 6, 3], [0, 0, 0, 0, 0, 0, 2, 6, 2]]
+    # The next tokens, + 1 as train_sasrec shifts its targets (0 = none).
+    assert y.tolist() == [[0, 0, 5, 2, 6, 3, 7, 4, 8], [0, 0, 0, 0, 0, 0, 7, 3, 9]]
+
+    for carry in (False, True):
+        model.carry, model.top_groups = carry, 3
+        history = np.array([0, 3])
+        scores = model.score([history])[0]
+        seq = model.tokens(model._batch([history]))
+        log_group = torch.log_softmax(model.token_logits(model(seq)[:, -1])[0, 1:4], dim=-1)
+        for j, g in enumerate(groups):  # teacher-force each item's two tokens, renormalised inside the trie
+            logits = model.token_logits(model(torch.cat([seq, torch.tensor([[1 + g]])], 1))[:, -1])[0, 4:]
+            expected = torch.log_softmax(logits.masked_fill(torch.as_tensor(groups != g), float("-inf")), -1)[j]
+            assert torch.allclose(scores[j], expected + log_group[g], atol=1e-5), (carry, j)
+    model.top_groups = 1  # only the best group's items are scored
+    kept = (model.score([history])[0] > -1e8).numpy()
+    assert np.array_equal(kept, groups == int(log_group.argmax()))
+
+
+def test_bench_two_token_layout_trains_in_sasrecs_loop(tiny_dataset, tmp_path):
+    from conftest import load_bench
+
+    TwoTokenItems = load_bench("bench_backbone_ids").TwoTokenItems
+    groups = np.arange(tiny_dataset.num_items) % 3
+    cfg = SASRecConfig(hidden_size=16, num_heads=2, dropout=0.0, max_epochs=3, eval_every=1, batch_size=16, lr=5e-3)
+    valid = tiny_dataset.examples("valid")
+    model, curves = train_sasrec(
+        tiny_dataset,
+        cfg,
+        5,
+        seed=1,
+        work_dir=tmp_path,
+        build_model=lambda: TwoTokenItems(groups, 5, 16, 1, 2, 32, 0.0),
+        valid_examples=valid,
+    )
+    assert isinstance(model, TwoTokenItems) and curves[-1]["loss"] < curves[0]["loss"]
+    assert all(0.0 <= r["valid_ndcg@10"] <= 1.0 for r in curves)

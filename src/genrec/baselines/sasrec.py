@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -156,18 +157,39 @@ def training_windows(train_seqs: list[np.ndarray], max_len: int) -> tuple[np.nda
 
 
 def train_sasrec(
-    dataset: Dataset, cfg: SASRecConfig, max_history: int, seed: int, work_dir: Path, eval_batch: int = 512
+    dataset: Dataset,
+    cfg: SASRecConfig,
+    max_history: int,
+    seed: int,
+    work_dir: Path,
+    eval_batch: int = 512,
+    build_model: Callable[[], nn.Module] | None = None,
+    valid_examples=None,
 ) -> tuple[SASRec, list[dict]]:
-    """Train with early stopping on valid NDCG@10; resumes from ``work_dir/checkpoint.pt`` (``fit_epochs``)."""
+    """Train with early stopping on valid NDCG@10; resumes from ``work_dir/checkpoint.pt`` (``fit_epochs``).
+
+    ``build_model()`` replaces the SASRec built from ``cfg`` by another encoder with its
+    interface (``forward``, ``item_logits``, ``score`` and ``max_len``), built under the same seed;
+    ``bench/bench_backbone_ids.py`` trains Qwen2 decoders this way. A model with
+    ``window_tokens(inputs, targets)`` rewrites the windows into its own tokens (targets shifted
+    by one, 0 = no target, as here). ``valid_examples`` (default: every valid user) is what early
+    stopping ranks.
+    """
     from genrec.train.epochs import fit_epochs, valid_ndcg
 
     torch.manual_seed(seed)
-    max_len = cfg.max_len or max_history
-    model = SASRec(dataset.num_items, max_len, cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.dropout)
+    if build_model is None:
+        max_len = cfg.max_len or max_history
+        model = SASRec(dataset.num_items, max_len, cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.dropout)
+    else:
+        model = build_model()
+    max_len = model.max_len
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     inputs, targets = training_windows(dataset.train_sequences(), max_len)
     inputs_t, targets_t = torch.as_tensor(inputs), torch.as_tensor(targets)
-    valid = dataset.examples("valid")
+    if hasattr(model, "window_tokens"):
+        inputs_t, targets_t = model.window_tokens(inputs_t, targets_t)
+    valid = dataset.examples("valid") if valid_examples is None else valid_examples
 
     def train_epoch(epoch: int) -> dict:
         # The shuffle depends on (seed, epoch) only, so a resumed run sees the same batches.
