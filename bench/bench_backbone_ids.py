@@ -12,7 +12,8 @@ stopping on all valid users), and ranks the whole catalogue with the harness (``
 stage's ``codes.npy``) then its own token, as ``sid.levels=1 sid.collision=item`` does, and
 trains the same decoder with the same loop on every next token: the generative layout with
 nothing else of the generative model (no task head, no frozen vectors, no text vocabulary).
-``--carry`` adds the last item's token embedding at each group-code position.
+``--carry`` adds the last item's token embedding at each group-code position; ``--constrained``
+trains each position's softmax over the tokens that the trie allows there only.
 
     python bench/bench_backbone_ids.py bench/out/baselines/beauty/seed_1 --arch qwen2 \\
         --out bench/out/backbone/q64_s1 --seed 1
@@ -96,8 +97,12 @@ class TwoTokenItems(Qwen2Items):
         self.register_buffer("groups", torch.as_tensor(groups), persistent=False)
         self.top_groups = 8
         self.carry = False  # add the previous item token's embedding at each group-code position
+        # Train each position's softmax over the tokens the trie allows after its input token only
+        # (groups after an item, the group's items after a group code), as the scoring renormalises.
+        self.constrained = False
 
     def forward(self, seq: torch.Tensor) -> torch.Tensor:
+        self._inputs = seq  # item_logits reads the input tokens of the real positions (constrained)
         if not self.carry:
             return super().forward(seq)
         mask = (seq != 0).long()
@@ -130,7 +135,23 @@ class TwoTokenItems(Qwen2Items):
         """Logits over the whole vocabulary, padding included (the generative model's softmax)."""
         return h @ self.item_emb.weight.T
 
-    item_logits = token_logits  # what train_sasrec's loss reads
+    def item_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """What train_sasrec's loss reads: ``h`` of the real positions (``h[seq > 0]``) -> token logits.
+
+        Constrained, a position after an item token keeps the group codes, and one after group code g
+        keeps g's items; every other token gets -inf.
+        """
+        logits = self.token_logits(h)
+        if not self.constrained:
+            return logits
+        inputs = self._inputs[self._inputs > 0]  # (P,), aligned with h: train_sasrec keeps targets > 0
+        G = self.num_groups
+        allowed = torch.zeros_like(logits, dtype=torch.bool)
+        after_item = inputs > G
+        allowed[after_item, 1 : 1 + G] = True
+        after_group = ~after_item
+        allowed[after_group, 1 + G :] = self.groups.unsqueeze(0) == (inputs[after_group] - 1).unsqueeze(1)
+        return logits.masked_fill(~allowed, float("-inf"))
 
     @torch.no_grad()
     def score(self, histories) -> torch.Tensor:
@@ -162,6 +183,7 @@ def main() -> None:
     ap.add_argument("--valid-users", type=int, default=3000, help="two-token: valid users for early stopping")
     ap.add_argument("--top-groups", type=int, default=16, help="two-token: groups expanded per test user")
     ap.add_argument("--carry", action="store_true", help="two-token: the last item's embedding at each group code")
+    ap.add_argument("--constrained", action="store_true", help="two-token: train on the trie's allowed tokens only")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="overrides of the sasrec: section")
@@ -196,7 +218,7 @@ def main() -> None:
 
         def build_two_token() -> torch.nn.Module:
             model = TwoTokenItems(groups, max_len, cfg.hidden_size, cfg.num_layers, cfg.num_heads, ffn, cfg.dropout)
-            model.carry = args.carry
+            model.carry, model.constrained = args.carry, args.constrained
             return model
 
         # Early stopping on the SFT stage's own fixed sample of valid users (8 groups expanded each).

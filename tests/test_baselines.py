@@ -102,6 +102,20 @@ def test_bench_two_token_layout_windows_and_exact_scores():
     assert x.tolist() == [[0, 0, 1, 4, 1, 5, 2, 6, 3], [0, 0, 0, 0, 0, 0, 2, 6, 2]]
     # The next tokens, + 1 as train_sasrec shifts its targets (0 = none).
     assert y.tolist() == [[0, 0, 5, 2, 6, 3, 7, 4, 8], [0, 0, 0, 0, 0, 0, 7, 3, 9]]
+    # Constrained: after an item the 3 group codes, after group g its items; every target among them.
+    model.constrained = True
+    logits = model.item_logits(model(x)[y > 0])
+    inputs = x[x > 0]
+    allowed = torch.isfinite(logits)
+    assert allowed.gather(1, (y[y > 0] - 1)[:, None]).all()
+    for row, tok in zip(allowed, inputs.tolist()):
+        expect = np.zeros(1 + 3 + 7, dtype=bool)
+        if tok > 3:
+            expect[1:4] = True
+        else:
+            expect[4:] = groups == tok - 1
+        assert np.array_equal(row.numpy(), expect), tok
+    model.constrained = False
 
     for carry in (False, True):
         model.carry, model.top_groups = carry, 3
