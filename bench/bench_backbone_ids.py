@@ -67,11 +67,17 @@ class Qwen2Items(torch.nn.Module):
     def item_emb(self) -> torch.nn.Embedding:
         return self.lm.get_input_embeddings()
 
+    def embed(self, seq: torch.Tensor) -> torch.Tensor:
+        """The input embeddings (B, T, H) of ``seq``, residual dropout included (the embedding's hook)."""
+        return self.item_emb(seq)
+
     def forward(self, seq: torch.Tensor) -> torch.Tensor:
         """seq (B, T) left-padded with 0 -> final hidden states (B, T, H); positions count real items only."""
         mask = (seq != 0).long()
         positions = (mask.cumsum(1) - 1).clamp(min=0)
-        return self.lm.model(input_ids=seq, attention_mask=mask, position_ids=positions).last_hidden_state
+        return self.lm.model(
+            inputs_embeds=self.embed(seq), attention_mask=mask, position_ids=positions
+        ).last_hidden_state
 
     # SASRec's own: logits against the tied item rows, batching, the last position's state, scores.
     item_logits, _batch, encode, score = SASRec.item_logits, SASRec._batch, SASRec.encode, SASRec.score
@@ -103,15 +109,15 @@ class TwoTokenItems(Qwen2Items):
 
     def forward(self, seq: torch.Tensor) -> torch.Tensor:
         self._inputs = seq  # item_logits reads the input tokens of the real positions (constrained)
+        return super().forward(seq)
+
+    def embed(self, seq: torch.Tensor) -> torch.Tensor:
+        x = super().embed(seq)
         if not self.carry:
-            return super().forward(seq)
-        mask = (seq != 0).long()
-        positions = (mask.cumsum(1) - 1).clamp(min=0)
-        x = self.item_emb(seq)  # (B, S, H), residual dropout included (the embedding's hook)
+            return x
         prev = torch.cat([torch.zeros_like(seq[:, :1]), seq[:, :-1]], dim=1)
         at_group = ((seq >= 1) & (seq <= self.num_groups) & (prev > self.num_groups)).unsqueeze(-1)
-        x = x + self.item_emb(prev) * at_group
-        return self.lm.model(inputs_embeds=x, attention_mask=mask, position_ids=positions).last_hidden_state
+        return x + self.item_emb(prev) * at_group
 
     def tokens(self, seq: torch.Tensor) -> torch.Tensor:
         """(B, T) shifted item ids, left-padded with 0 -> (B, 2T) tokens, padding kept on the left."""
@@ -145,6 +151,8 @@ class TwoTokenItems(Qwen2Items):
         if not self.constrained:
             return logits
         inputs = self._inputs[self._inputs > 0]  # (P,), aligned with h: train_sasrec keeps targets > 0
+        if len(inputs) != len(h):
+            raise ValueError(f"constrained logits need h of the {len(inputs)} real positions, got {len(h)} rows")
         G = self.num_groups
         allowed = torch.zeros_like(logits, dtype=torch.bool)
         after_item = inputs > G
@@ -199,43 +207,39 @@ def main() -> None:
     max_history = run_cfg["data"]["max_history"]
     dataset = Dataset.load(args.run_dir / "prepare", max_history)
     max_len = cfg.max_len or max_history
-
-    def build() -> torch.nn.Module:
-        if args.arch == "sasrec":
-            return SASRec(dataset.num_items, max_len, cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.dropout)
-        ffn = args.ffn or 4 * cfg.hidden_size
-        return Qwen2Items(dataset.num_items, max_len, cfg.hidden_size, cfg.num_layers, cfg.num_heads, ffn, cfg.dropout)
-
-    args.out.mkdir(parents=True, exist_ok=True)
-    started = time.time()
-    if args.arch == "two-token":
+    ffn = args.ffn or 4 * cfg.hidden_size
+    sizes = (max_len, cfg.hidden_size, cfg.num_layers, cfg.num_heads, ffn, cfg.dropout)
+    two_token = args.arch == "two-token"
+    if two_token:
         import numpy as np
 
         from genrec.train.sft import _valid_sample
 
         groups = np.load(args.groups)[:, 0]
-        ffn = args.ffn or 4 * cfg.hidden_size
-
-        def build_two_token() -> torch.nn.Module:
-            model = TwoTokenItems(groups, max_len, cfg.hidden_size, cfg.num_layers, cfg.num_heads, ffn, cfg.dropout)
-            model.carry, model.constrained = args.carry, args.constrained
-            return model
-
         # Early stopping on the SFT stage's own fixed sample of valid users (8 groups expanded each).
         valid = _valid_sample(dataset, args.valid_users, args.seed)
-        model, curves = train_sasrec(
-            dataset,
-            cfg,
-            max_history,
-            args.seed,
-            args.out / "work",
-            256,
-            build_model=build_two_token,
-            valid_examples=valid,
-        )
+
+    def build() -> torch.nn.Module:  # not for --arch sasrec: train_sasrec builds that from cfg itself
+        if not two_token:
+            return Qwen2Items(dataset.num_items, *sizes)
+        model = TwoTokenItems(groups, *sizes)
+        model.carry, model.constrained = args.carry, args.constrained
+        return model
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    model, curves = train_sasrec(
+        dataset,
+        cfg,
+        max_history,
+        args.seed,
+        args.out / "work",
+        256 if two_token else 512,
+        build_model=None if args.arch == "sasrec" else build,
+        valid_examples=valid if two_token else None,
+    )
+    if two_token:
         model.top_groups = args.top_groups
-    else:
-        model, curves = train_sasrec(dataset, cfg, max_history, args.seed, args.out / "work", build_model=build)
     seconds = time.time() - started
     write_json(args.out / "curves.json", curves)
     result = evaluate(
@@ -246,7 +250,7 @@ def main() -> None:
         "arch": args.arch,
         "seed": args.seed,
         "sasrec": dataclasses.asdict(cfg),
-        "ffn": args.ffn or 4 * cfg.hidden_size,
+        "ffn": ffn,
         "params": params,
         "epochs": len(curves),
         "best_valid_ndcg@10": max((r.get("valid_ndcg@10", -1) for r in curves), default=-1),

@@ -89,15 +89,14 @@ def main() -> None:
         scorers = [gen + lam * trm for lam in args.lams] + [trm] + ([trm + ctl] if other else [])
         for name, scores in zip(names, scorers):
             ranked[name].append(topk_from_scores(scores, seen, 10, exclude_seen=True))
-    users = total
     ranks = {name: target_ranks(np.concatenate(r), ex.targets[:total]) for name, r in ranked.items()}
     result = {name: {"ndcg@10": ndcg_at_k(r, 10), "hr@10": hit_rate_at_k(r, 10)} for name, r in ranks.items()}
-    print(f"{args.run_dir} {args.split}: {users} users, {time.perf_counter() - start:.0f} s")
+    print(f"{args.run_dir} {args.split}: {total} users, {time.perf_counter() - start:.0f} s")
     for name, m in result.items():
         print(f"  {name:28} NDCG@10 {m['ndcg@10']:.4f}  HR@10 {m['hr@10']:.4f}")
     if args.out:
         args.out.write_text(
-            json.dumps({"run_dir": str(args.run_dir), "split": args.split, "users": users, **result}, indent=1)
+            json.dumps({"run_dir": str(args.run_dir), "split": args.split, "users": total, **result}, indent=1)
         )
 
 

@@ -183,9 +183,8 @@ def train_sasrec(
         model = SASRec(dataset.num_items, max_len, cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.dropout)
     else:
         model = build_model()
-    max_len = model.max_len
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    inputs, targets = training_windows(dataset.train_sequences(), max_len)
+    inputs, targets = training_windows(dataset.train_sequences(), model.max_len)
     inputs_t, targets_t = torch.as_tensor(inputs), torch.as_tensor(targets)
     if hasattr(model, "window_tokens"):
         inputs_t, targets_t = model.window_tokens(inputs_t, targets_t)
