@@ -217,6 +217,24 @@ def test_early_stopping_and_the_time_budget(tiny_dataset, tmp_path):
     assert (summary["stop_reason"], summary["epochs"]) == ("time_budget", 1)
 
 
+def test_the_trie_softmax_trains_text_and_sid_labels_and_is_saved_with_the_model(tiny_dataset, tmp_path):
+    codes, texts = tiny_inputs(tiny_dataset)
+    cfg = config("sft.max_epochs=2", "sft.sid_softmax=trie", "sft.tasks={seqrec: 1.0, item2sid: 0.5, sid2title: 0.5}")
+    summary = train_sft(cfg, tiny_dataset, codes, texts, tmp_path / "out", tmp_path / "work")
+    rows = [json.loads(r) for r in (tmp_path / "out" / "curves.jsonl").read_text().splitlines()]
+    assert rows[1]["loss"] < rows[0]["loss"] and summary["best_valid_ndcg@10"] > 0
+
+    assert json.loads((tmp_path / "out" / "model" / "genrec.json").read_text())["sid_softmax"] == "trie"
+    rec = GenerativeRecommender.load(tmp_path / "out" / "model", device="cpu")
+    assert rec.sid_softmax == "trie" and rec.trie_softmax is not None
+    out = rec.recommend(tiny_dataset.examples("valid").histories[:4], num_beams=64, k=tiny_dataset.num_items)
+    # Every item comes out, and under the trie softmax their probabilities sum to 1.
+    assert (out.items >= 0).all()
+    torch.testing.assert_close(out.scores.exp().sum(1), torch.ones(4), atol=1e-4, rtol=0)
+    with pytest.raises(ConfigError, match="sft.sid_softmax must be"):
+        config("sft.sid_softmax=items")
+
+
 def test_unknown_task_and_bad_codes_are_clear_errors(tiny_dataset, tmp_path):
     codes, texts = tiny_inputs(tiny_dataset)
     with pytest.raises(ConfigError, match="sft.tasks: unknown task 'reasoning'; known tasks: item2sid"):
@@ -259,18 +277,42 @@ def test_sft_with_a_local_pretrained_checkpoint_and_lora(tiny_dataset, tmp_path)
 
     save_tiny_pretrained(tmp_path / "base", tied=False)
     codes, texts = tiny_inputs(tiny_dataset)
-    cfg = config(
+    cfg_overrides = [
         f"model.backbone={tmp_path / 'base'}",
         "model.lora_r=4",
         "sft.max_epochs=1",
         "sft.lr=0.005",
         "sft.tasks={seqrec: 1.0, item2sid: 1.0}",
-    )
+    ]
+    cfg = config(*cfg_overrides)
     summary = train_sft(cfg, tiny_dataset, codes, texts, tmp_path / "out", tmp_path / "work")
     assert 0 < summary["params"]["trainable"] < summary["params"]["total"]
     rec = GenerativeRecommender.load(tmp_path / "out" / "model", device="cpu")
     assert rec.fmt.style == "instructions" and type(rec.model).__name__ == "Qwen2ForCausalLM"  # LoRA merged
     assert rec.recommend([[1, 2, 3]], num_beams=5, k=5).items.shape == (1, 5)
+
+    # Under the trie softmax the LoRA model's head is PEFT's trainable-tokens wrapper, whose SID rows
+    # live in a delta that only its forward adds: the loss must reach them.
+    base_head = model_tensors(tmp_path / "base")["lm_head.weight"]
+    train_sft(
+        config(*cfg_overrides, "sft.sid_softmax=trie"), tiny_dataset, codes, texts, tmp_path / "t", tmp_path / "tw"
+    )
+    head = GenerativeRecommender.load(tmp_path / "t" / "model", device="cpu").model.get_output_embeddings().weight
+    sid_rows = head.detach()[base_head.shape[0] :]  # the SID tokens come after the checkpoint's own
+    assert torch.equal(head.detach()[: base_head.shape[0]], base_head)  # the old rows stay frozen
+    assert (sid_rows - sid_rows.mean(dim=0)).abs().max() > 1e-4, "the SID rows (all started at one mean) did not train"
+
+    # Under the trie softmax the LoRA model's head is PEFT's trainable-tokens wrapper, whose SID rows
+    # live in a delta: the loss must reach them, so the saved head's SID rows move.
+    base_head = model_tensors(tmp_path / "base")["lm_head.weight"]
+    trie_cfg = config(*[o for o in cfg_overrides], "sft.sid_softmax=trie")
+    train_sft(trie_cfg, tiny_dataset, codes, texts, tmp_path / "trie", tmp_path / "trie_work")
+    trained = GenerativeRecommender.load(tmp_path / "trie" / "model", device="cpu")
+    head = trained.model.get_output_embeddings().weight.detach()
+    sid_rows = torch.as_tensor(trained.vocab.all_token_ids())
+    start = head[sid_rows].mean(dim=0, keepdim=True)  # the new rows all start at the mean of the old ones
+    assert not torch.allclose(head[sid_rows], start.expand(len(sid_rows), -1)), "the SID rows of the head did not train"
+    assert torch.equal(head[: base_head.shape[0]][:10], base_head[:10])  # the old rows stay frozen
 
 
 DDP_SCRIPT = """

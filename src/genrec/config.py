@@ -387,6 +387,10 @@ class SFTConfig:
     # ema <- d * ema + (1 - d) * weights, d = min(ema_decay, (1 + step) / (10 + step)). Valid
     # NDCG@10, the kept best weights and the saved model are the average's (docs/sft.md).
     ema_decay: float = 0.0
+    # The softmax of each SID token, in the loss and then in every score of the saved model
+    # (genrec.model.sid_softmax): "vocab" over the whole vocabulary, "trie" over the codes the
+    # item trie allows after the SID's prefix (docs/sft.md).
+    sid_softmax: str = "vocab"
 
     def __post_init__(self) -> None:
         _check(bool(self.tasks), "sft.tasks must name at least one task, e.g. {seqrec: 1.0}")
@@ -401,6 +405,10 @@ class SFTConfig:
             "sft.max_epochs, sft.eval_every and sft.patience must be >= 1",
         )
         _check(self.warmup_steps >= 0, f"sft.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _check(
+            self.sid_softmax in ("vocab", "trie"),
+            f"sft.sid_softmax must be 'vocab' or 'trie', got {self.sid_softmax!r}",
+        )
         _check(
             self.schedule in ("cosine", "linear", "constant"),
             f"sft.schedule must be 'cosine', 'linear' or 'constant', got {self.schedule!r}",

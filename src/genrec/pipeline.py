@@ -38,6 +38,7 @@ ADDED_KEYS: dict[str, Any] = {
     "rl.prompts": "targets",
     "sft.distill": 0.0,
     "sft.distill_temperature": 1.0,
+    "sft.sid_softmax": "vocab",
     "sid.embedding": "text",
 }
 

@@ -207,7 +207,14 @@ def rank_answers(
     was_training = recommender.model.training
     recommender.model.eval()
     try:
-        scores = score_candidates(recommender.model, input_ids, attention_mask, cand_ids.to(recommender.device)).cpu()
+        scores = score_candidates(
+            recommender.model,
+            input_ids,
+            attention_mask,
+            cand_ids.to(recommender.device),
+            recommender.trie if recommender.sid_softmax == "trie" else None,
+            recommender.vocab.offsets,
+        ).cpu()
     finally:
         recommender.model.train(was_training)
     trm = retriever.score(list(histories)).float().cpu()  # (B, N), no preference: the ranking and the fill

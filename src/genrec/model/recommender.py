@@ -6,7 +6,8 @@ sid(h_k)`` with the last ``max_history`` items, from the same ids as training (s
 search. A saved model directory holds:
 
 - the Hugging Face model and tokenizer (``save_pretrained``; LoRA adapters are merged in);
-- ``genrec.json``: the SID vocabulary, the prompt format and ``max_history``;
+- ``genrec.json``: the SID vocabulary, the prompt format, ``max_history`` and ``sid_softmax``
+  (``genrec.model.sid_softmax``: the softmax it was trained under, which every score then uses);
 - ``codes.npy`` (N, L): item_id -> SID codes, and ``trie.pt``: the trie built from them;
 - ``item_embedding.pt`` with ``model.item_embedding`` (``genrec.model.item_embedding``): the
   item-ID input table, kept out of the Hugging Face checkpoint, which stays a plain causal LM.
@@ -28,7 +29,19 @@ FORMAT_VERSION = 1
 
 
 class GenerativeRecommender:
-    def __init__(self, model, tokenizer, vocab: SIDVocab, trie, codes: np.ndarray, fmt: PromptFormat, max_history: int):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        vocab: SIDVocab,
+        trie,
+        codes: np.ndarray,
+        fmt: PromptFormat,
+        max_history: int,
+        sid_softmax: str = "vocab",
+    ):
+        from genrec.model.sid_softmax import check_sid_softmax
+
         codes = np.asarray(codes, dtype=np.int64)
         if codes.ndim != 2 or codes.shape[1] != vocab.num_levels:
             raise ValueError(f"codes must be (num_items, {vocab.num_levels}), got shape {codes.shape}")
@@ -38,10 +51,21 @@ class GenerativeRecommender:
             )
         self.model, self.tokenizer, self.vocab, self.trie = model, tokenizer, vocab, trie
         self.codes, self.fmt, self.max_history = codes, fmt, max_history
+        self.sid_softmax = check_sid_softmax(sid_softmax)  # how every SID score is normalised (trained so)
         self.sid_ids = vocab.sid_to_ids(codes)  # (N, L) token ids of each item's SID
         items = item_embedding.find(model)
         if items is not None and not np.array_equal(items.sid_ids, self.sid_ids):
             raise ValueError("the model's item-ID input table was built for other SIDs than these codes")
+
+    @property
+    def trie_softmax(self):
+        """``genrec.model.sid_softmax.TrieSoftmax`` on the model's device when ``sid_softmax`` is "trie", else None."""
+        if self.sid_softmax != "trie":
+            return None
+        from genrec.model.sid_softmax import TrieSoftmax
+
+        vocab_size = self.model.get_output_embeddings().weight.shape[0]
+        return TrieSoftmax(self.trie, self.vocab, vocab_size).to(self.device)
 
     @property
     def num_items(self) -> int:
@@ -79,7 +103,14 @@ class GenerativeRecommender:
         input_ids, attention_mask = self.prompt_batch(histories)
         with _eval_mode(self.model):
             return constrained_beam_search(
-                self.model, input_ids, attention_mask, self.trie, self.vocab.offsets, num_beams=num_beams, num_return=k
+                self.model,
+                input_ids,
+                attention_mask,
+                self.trie,
+                self.vocab.offsets,
+                num_beams=num_beams,
+                num_return=k,
+                sid_softmax=self.sid_softmax,
             )
 
     def sample(self, histories: Sequence[Sequence[int]], num_samples: int, temperature: float = 1.0, generator=None):
@@ -88,7 +119,15 @@ class GenerativeRecommender:
 
         input_ids, attention_mask = self.prompt_batch(histories)
         return constrained_sample(
-            self.model, input_ids, attention_mask, self.trie, self.vocab.offsets, num_samples, temperature, generator
+            self.model,
+            input_ids,
+            attention_mask,
+            self.trie,
+            self.vocab.offsets,
+            num_samples,
+            temperature,
+            generator,
+            sid_softmax=self.sid_softmax,
         )
 
     def save(self, model_dir: str | Path) -> None:
@@ -115,6 +154,7 @@ class GenerativeRecommender:
                 "prompt_format": self.fmt.to_json(),
                 "max_history": self.max_history,
                 "num_items": self.num_items,
+                "sid_softmax": self.sid_softmax,
             },
         )
 
@@ -150,9 +190,9 @@ class GenerativeRecommender:
         model.to(device).eval()
         codes = np.load(model_dir / "codes.npy")
         trie = SIDTrie.load(model_dir / "trie.pt").to(device)
-        return cls(
-            model, tokenizer, vocab, trie, codes, PromptFormat.from_json(meta["prompt_format"]), meta["max_history"]
-        )
+        fmt = PromptFormat.from_json(meta["prompt_format"])
+        # Model directories written before sid_softmax existed were all trained under "vocab".
+        return cls(model, tokenizer, vocab, trie, codes, fmt, meta["max_history"], meta.get("sid_softmax", "vocab"))
 
 
 class _eval_mode:

@@ -113,16 +113,19 @@ def rl_prompts(dataset: Dataset, rl, max_history: int) -> Prompts:
     return history_prompts(dataset, max_history)
 
 
-def completion_log_probs(model, input_ids, attention_mask, token_ids):
+def completion_log_probs(model, input_ids, attention_mask, token_ids, offsets=None, trie=None):
     """Log-probs (B, G, L) of G completions (B, G, L) of each LEFT-padded prompt (B, T).
 
-    Teacher-forced, under the full-vocabulary softmax, with the position ids the decoder uses,
+    Teacher-forced, under the full-vocabulary softmax (or, given the ``trie`` and the SID
+    ``offsets`` (L,), the trie softmax of ``genrec.model.sid_softmax``), with the position ids the decoder uses,
     so the sum over L equals the beam score of the same completion. Each prompt is encoded
     once and its KV cache repeated for its G completions (gradients flow through both): the
     prompt is some 60 tokens and a completion L = 3, so this is ~G times cheaper than
     running prompt + completion for every completion.
     """
     import torch
+
+    from genrec.model.sid_softmax import sid_log_probs
 
     b, g, num_tokens = token_ids.shape
     positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)  # (B, T): real tokens counted, as in decoding
@@ -142,13 +145,13 @@ def completion_log_probs(model, input_ids, attention_mask, token_ids):
             input_ids=flat[:, :-1], attention_mask=mask, position_ids=rest_positions, **cache_kwargs(model, cache)
         ).logits.float()  # (B*G, L - 1, V): predict tokens 1 .. L-1
         logits = torch.cat([logits, rest], dim=1)  # (B*G, L, V)
-    picked = logits.gather(2, flat.unsqueeze(-1)).squeeze(-1)  # (B*G, L)
-    return (picked - torch.logsumexp(logits, dim=-1)).view(b, g, num_tokens)
+    return sid_log_probs(logits, flat, offsets, trie).view(b, g, num_tokens)
 
 
-def sequence_log_probs(model, ids: list[list[int]], generated: list[list[bool]], pad_id: int):
+def sequence_log_probs(model, ids: list[list[int]], generated: list[list[bool]], pad_id: int, trie_softmax=None):
     """Teacher-forced log-probs (N, T-1) of every next token of variable-length rows (right-padded
     here), and (N, T-1) float 1 where ``generated`` marks the predicted token as one that takes loss.
+    ``trie_softmax`` (``GenerativeRecommender.trie_softmax``) scores SID tokens under the trie softmax.
 
     For completions of different lengths (GREAM's reasoning rollouts, DeepRec's trajectories);
     fixed-length SID completions use the cheaper :func:`completion_log_probs`.
@@ -166,7 +169,12 @@ def sequence_log_probs(model, ids: list[list[int]], generated: list[list[bool]],
         attention[b, : len(row)] = 1
     input_ids, mask, attention = input_ids.to(device), mask.to(device), attention.to(device)
     logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1].float()  # (N, T-1, V)
-    logp = torch.log_softmax(logits, dim=-1).gather(2, input_ids[:, 1:, None]).squeeze(2)
+    if trie_softmax is None:
+        logp = torch.log_softmax(logits, dim=-1).gather(2, input_ids[:, 1:, None]).squeeze(2)
+    else:
+        nodes = trie_softmax.prefix_nodes(input_ids)[:, 1:]
+        logp = trie_softmax.log_probs(logits.flatten(0, 1), input_ids[:, 1:].flatten(), nodes.flatten())
+        logp = logp.view_as(nodes)
     return logp, mask[:, 1:].float()
 
 
@@ -183,11 +191,22 @@ def rollout(recommender, histories: list[np.ndarray], rl, generator=None):
     input_ids, attention_mask = recommender.prompt_batch([list(map(int, h)) for h in histories])
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     offsets = recommender.vocab.offsets
+    softmax = recommender.sid_softmax
     if rl.rollout == "beam":
-        out = constrained_beam_search(model, input_ids, attention_mask, recommender.trie, offsets, rl.group_size)
+        out = constrained_beam_search(
+            model, input_ids, attention_mask, recommender.trie, offsets, rl.group_size, sid_softmax=softmax
+        )
     else:
         out = constrained_sample(
-            model, input_ids, attention_mask, recommender.trie, offsets, rl.group_size, rl.temperature, generator
+            model,
+            input_ids,
+            attention_mask,
+            recommender.trie,
+            offsets,
+            rl.group_size,
+            rl.temperature,
+            generator,
+            sid_softmax=softmax,
         )
     return input_ids, attention_mask, out
 
@@ -245,13 +264,14 @@ def sample_examples(examples: Examples, num: int, seed: int) -> Examples:
 
 
 def policy_update(
-    model, reference, opt, rl, input_ids, attention_mask, token_ids, advantages, offsets, rewards=None
+    model, reference, opt, rl, input_ids, attention_mask, token_ids, advantages, offsets, rewards=None, trie=None
 ) -> dict:
     """``rl.updates_per_rollout`` optimiser steps on K groups; the logged statistics of the last.
 
     input_ids, attention_mask (K, T): the prompts; token_ids (K, G, L): their completions
     (-1 for beam padding, left out of the loss); advantages (K, G); offsets (L,) the SID offsets;
-    rewards (K, G), which ``rl.loss=listwise`` uses instead of the advantages.
+    rewards (K, G), which ``rl.loss=listwise`` uses instead of the advantages; ``trie`` for a
+    model trained under the trie SID softmax (``GenerativeRecommender.sid_softmax``).
     """
     import torch
 
@@ -262,7 +282,9 @@ def policy_update(
 
     k, g, num_levels = token_ids.shape
     live = (token_ids >= 0).all(dim=2)  # (K, G)
-    tokens = torch.where(token_ids >= 0, token_ids, offsets)  # any real id where padding: the row is masked
+    # Padding reads a real SID (any, under the vocab softmax; item 0's under the trie's): the row is masked.
+    fill = offsets if trie is None else trie.codes[0].to(offsets.device) + offsets
+    tokens = torch.where(token_ids >= 0, token_ids, fill)
     mask = live.unsqueeze(-1).expand_as(tokens).float()  # (K, G, L)
     adv = torch.as_tensor(advantages, dtype=torch.float32, device=input_ids.device)  # (K, G)
     if rewards is not None:
@@ -272,7 +294,9 @@ def policy_update(
     num_seq, num_tok = int(live.sum()), int(mask.sum())
 
     def log_probs(lm, c):  # (k_c * G, L)
-        return completion_log_probs(lm, input_ids[c], attention_mask[c], tokens[c]).reshape(-1, num_levels)
+        return completion_log_probs(lm, input_ids[c], attention_mask[c], tokens[c], offsets, trie).reshape(
+            -1, num_levels
+        )
 
     with torch.no_grad():
         ref = [log_probs(reference, c) for c in chunks] if reference is not None else [None] * len(chunks)
@@ -405,6 +429,7 @@ def train_rl(
                     advantages[kept],
                     offsets,
                     rewards=rewards[kept],
+                    trie=recommender.trie if recommender.sid_softmax == "trie" else None,
                 )
             )
         else:  # no informative group: nothing to learn from this batch

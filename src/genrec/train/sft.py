@@ -56,10 +56,11 @@ class NextTokenLoss(torch.nn.Module):
     the whole forward pass.
     """
 
-    def __init__(self, lm, distill_weight: float = 0.0, distill_temperature: float = 1.0):
+    def __init__(self, lm, distill_weight: float = 0.0, distill_temperature: float = 1.0, trie_softmax=None):
         super().__init__()
         self.lm = lm
         self.distill_weight, self.distill_temperature = distill_weight, distill_temperature
+        self.trie_softmax = trie_softmax  # genrec.model.sid_softmax.TrieSoftmax under sft.sid_softmax: trie
 
     def forward(
         self,
@@ -72,13 +73,17 @@ class NextTokenLoss(torch.nn.Module):
         hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
         target = labels[:, 1:]  # (B, T-1): position p predicts token p + 1
         keep = target != -100
-        logits = base.get_output_embeddings()(hidden[:, :-1][keep])  # (P, V)
-        loss = F.cross_entropy(logits.float(), target[keep])
+        head, kept = base.get_output_embeddings(), hidden[:, :-1][keep]  # (P, H)
+        if self.trie_softmax is None:
+            loss = F.cross_entropy(head(kept).float(), target[keep])
+        else:
+            nodes = self.trie_softmax.prefix_nodes(input_ids)[:, 1:][keep]  # (P,): the prefix each target continues
+            loss = self.trie_softmax.loss_sum(head, kept, target[keep], nodes) / max(1, int(keep.sum()))
         if distill is not None and self.distill_weight > 0:
             from genrec.train.distill import distill_loss
 
             kd = distill_loss(
-                logits[distill["kd_positions"]],
+                head(kept[distill["kd_positions"]]),
                 distill["level_token_ids"],
                 distill["level_mask"],
                 distill["kd_levels"],
@@ -406,13 +411,26 @@ def train_sft(
         from genrec.train.distill import SASRecTeacher
 
         distiller = SASRecTeacher(teacher, codes, data.sid_ids, sft.distill_temperature).to(accelerator.device)
-    loss_module = NextTokenLoss(model, sft.distill, sft.distill_temperature)
+    trie_softmax = None
+    if sft.sid_softmax == "trie":
+        from genrec.model.sid_softmax import TrieSoftmax
+
+        vocab_size = model.get_output_embeddings().weight.shape[0]
+        trie_softmax = TrieSoftmax(SIDTrie(codes, codebook_sizes), backbone.vocab, vocab_size).to(accelerator.device)
+    loss_module = NextTokenLoss(model, sft.distill, sft.distill_temperature, trie_softmax)
     loss_module, optimizer = accelerator.prepare(loss_module, optimizer)
     # Stepped once per optimizer step (accelerate's scheduler wrapper would step once per process).
     accelerator.register_for_checkpointing(scheduler)
     lm = accelerator.unwrap_model(loss_module).lm
     recommender = GenerativeRecommender(
-        lm, backbone.tokenizer, backbone.vocab, trie.to(accelerator.device), codes, backbone.fmt, cfg.data.max_history
+        lm,
+        backbone.tokenizer,
+        backbone.vocab,
+        trie.to(accelerator.device),
+        codes,
+        backbone.fmt,
+        cfg.data.max_history,
+        sft.sid_softmax,
     )
     valid = _valid_sample(dataset, sft.eval_users, cfg.seed)
     average = WeightAverage(lm, sft.ema_decay) if sft.ema_decay > 0 else None

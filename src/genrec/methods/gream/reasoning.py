@@ -91,7 +91,14 @@ def reasoning_recommend(
         full = [p + r + list(fmt.answer) for p, r in zip(prompts, rationales.ids)]
         input_ids, attention_mask = left_pad(full, fmt.pad_id, recommender.device)
         out = constrained_beam_search(
-            model, input_ids, attention_mask, recommender.trie, recommender.vocab.offsets, num_beams, num_return=k
+            model,
+            input_ids,
+            attention_mask,
+            recommender.trie,
+            recommender.vocab.offsets,
+            num_beams,
+            num_return=k,
+            sid_softmax=recommender.sid_softmax,
         )
     finally:
         model.train(was_training)

@@ -185,11 +185,11 @@ def train_reasoning_srpo(cfg, dataset: Dataset, recommender, out_dir: Path, work
         if rows_kept:
             ids = [ro.ids[r] for r in rows_kept]
             gen = [ro.generated[r] for r in rows_kept]
-            logp, mask = sequence_log_probs(model, ids, gen, fmt.pad_id)
+            logp, mask = sequence_log_probs(model, ids, gen, fmt.pad_id, recommender.trie_softmax)
             ref = None
             if reference is not None:
                 with torch.no_grad():
-                    ref, _ = sequence_log_probs(reference, ids, gen, fmt.pad_id)
+                    ref, _ = sequence_log_probs(reference, ids, gen, fmt.pad_id, recommender.trie_softmax)
             adv = torch.as_tensor(advantages[keep].reshape(-1), dtype=torch.float32, device=logp.device)
             loss, stats = policy_loss(
                 logp,
