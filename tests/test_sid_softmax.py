@@ -129,7 +129,7 @@ def test_beam_search_and_sampling_under_the_trie_softmax_equal_brute_force():
 
 def test_candidate_scores_and_rl_log_probs_under_the_trie_softmax_equal_brute_force():
     from genrec.decode.beam import score_candidates
-    from genrec.train.rl import completion_log_probs, sequence_log_probs
+    from genrec.train.rl import completion_log_probs
 
     model, codes = make_model(), make_codes()
     trie = make_trie(codes)
@@ -148,17 +148,6 @@ def test_candidate_scores_and_rl_log_probs_under_the_trie_softmax_equal_brute_fo
         per_token = completion_log_probs(model, input_ids, attention_mask, live, offsets, trie)
     torch.testing.assert_close(per_token.sum(-1), exact.gather(1, items.clamp(min=0)), atol=1e-4, rtol=0)
 
-    # Variable-length rows (prompt + SID, right-padded here): the SID tokens' log-probs sum to the same.
-    vocab = SIDVocab([16] * LEVELS, OFFSETS)
-    softmax = TrieSoftmax(trie, vocab, model.config.vocab_size)
-    rows = [input_ids[b][attention_mask[b].bool()].tolist() + live[b, 0].tolist() for b in range(4)]
-    gen = [[False] * (len(r) - LEVELS) + [True] * LEVELS for r in rows]
-    with torch.no_grad():
-        logp, mask = sequence_log_probs(model, rows, gen, pad_id=0, trie_softmax=softmax)
-    torch.testing.assert_close(
-        (logp * mask).sum(1), exact.gather(1, items[:, :1].clamp(min=0))[:, 0], atol=1e-4, rtol=0
-    )
-
 
 def test_the_sft_loss_under_the_trie_softmax_is_the_mean_of_the_tokens_log_probs():
     from genrec.train.sft import NextTokenLoss
@@ -176,8 +165,15 @@ def test_the_sft_loss_under_the_trie_softmax_is_the_mean_of_the_tokens_log_probs
     with torch.no_grad():
         loss = NextTokenLoss(model, trie_softmax=softmax)(input_ids, attention_mask, labels)
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
-    keep = labels[:, 1:] != -100
-    nodes = softmax.prefix_nodes(input_ids)[:, 1:]
-    expected = -softmax.log_probs(logits[keep], labels[:, 1:][keep], nodes[keep]).mean()
-    assert keep.sum() == 6 + 3
-    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=0)
+    # Each labelled SID token against the codes its trie prefix allows, by walking the trie by hand.
+    terms = []
+    for b, n_items in ((0, 3), (1, 2)):
+        for j in range(1, n_items):  # the first item of each window takes no loss
+            sid = input_ids[b, 2 + j * LEVELS : 2 + (j + 1) * LEVELS] - torch.tensor(OFFSETS)
+            for t in range(LEVELS):
+                p = 2 + j * LEVELS + t - 1  # the position that predicts level t
+                allowed = trie.allowed(sid[None, :t])[0]
+                level = logits[b, p, OFFSETS[t] : OFFSETS[t] + 16].masked_fill(~allowed, float("-inf"))
+                terms.append(-torch.log_softmax(level, dim=0)[sid[t]])
+    assert len(terms) == (labels[:, 1:] != -100).sum() == 9
+    torch.testing.assert_close(loss, torch.stack(terms).mean(), atol=1e-5, rtol=0)

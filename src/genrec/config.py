@@ -574,6 +574,13 @@ class RunConfig:
             f"model.item_embedding={self.model.item_embedding} works with the seqrec recommender only; "
             f"set it to none for the stage {text_stages[0] if text_stages else ''}",
         )
+        # Their rationales and answers hold SIDs sampled as free text, from the full-vocabulary
+        # softmax, which the trie softmax does not train (genrec.model.sid_softmax).
+        _check(
+            self.sft.sid_softmax == "vocab" or not text_stages,
+            f"sft.sid_softmax={self.sft.sid_softmax} works with the seqrec recommender only; "
+            f"set it to vocab for the stage {text_stages[0] if text_stages else ''}",
+        )
 
 
 # --------------------------------------------------------------------------- loading

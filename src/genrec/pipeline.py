@@ -234,15 +234,20 @@ class StageContext:
         return self.cfg.seed
 
 
+def drop_added_defaults(sections: dict[str, dict]) -> None:
+    """Remove, in place, every ``ADDED_KEYS`` entry of these config sections that is at its default."""
+    for entry, default in ADDED_KEYS.items():
+        section, key = entry.split(".", 1)
+        if section in sections and sections[section].get(key, default) == default:
+            sections[section].pop(key, None)
+
+
 def _stage_record(cfg: RunConfig, stage: Stage, run_dir: Path) -> dict:
     sections = {s: to_dict(getattr(cfg, s)) for s in stage.sections}
     for entry in stage.ignore:
         section, key = entry.split(".", 1)
         sections[section].pop(key, None)
-    for entry, default in ADDED_KEYS.items():
-        section, key = entry.split(".", 1)
-        if section in sections and sections[section].get(key, default) == default:
-            sections[section].pop(key, None)
+    drop_added_defaults(sections)
     inputs = {}
     for name in stage_inputs(stage, cfg):
         done = run_dir / name / "done.json"

@@ -56,13 +56,11 @@ def trajectory_columns(rollout, targets: np.ndarray, retriever) -> dict[str, np.
     }
 
 
-def policy_loss(
-    model, ids: list[list[int]], generated: list[list[bool]], advantages: np.ndarray, pad_id: int, trie_softmax=None
-):
+def policy_loss(model, ids: list[list[int]], generated: list[list[bool]], advantages: np.ndarray, pad_id: int):
     """The REINFORCE++ loss of a batch of trajectories (the module docstring), and the LLM-token count."""
     from genrec.train.rl import sequence_log_probs
 
-    logp, token_mask = sequence_log_probs(model, ids, generated, pad_id, trie_softmax)  # (n, T-1) each
+    logp, token_mask = sequence_log_probs(model, ids, generated, pad_id)  # (n, T-1) each
     adv = torch.as_tensor(advantages, dtype=torch.float32, device=logp.device)[:, None]
     count = token_mask.sum().clamp(min=1.0)
     return -(adv * logp * token_mask).sum() / count, int(token_mask.sum())
@@ -70,6 +68,7 @@ def policy_loss(
 
 def train_agent_rl(cfg, dataset: Dataset, recommender, retriever, out_dir: Path, work_dir: Path) -> dict:
     """Two-stage RL of ``recommender`` in place; keeps the best valid weights; writes curves and a plot."""
+    recommender.check_free_text("DeepRec's agent RL")
     from tqdm import tqdm
 
     from genrec.eval.evaluate import rank_examples
@@ -146,7 +145,7 @@ def train_agent_rl(cfg, dataset: Dataset, recommender, retriever, out_dir: Path,
         cols = trajectory_columns(rollout, targets, retriever)
         total, parts = combine(weights, **cols)
         adv = group_baseline_advantages(total.reshape(len(pick), a.group_size)).reshape(-1)
-        loss, tokens = policy_loss(model, rollout.ids, rollout.generated, adv, fmt.pad_id, recommender.trie_softmax)
+        loss, tokens = policy_loss(model, rollout.ids, rollout.generated, adv, fmt.pad_id)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.rl.grad_clip)

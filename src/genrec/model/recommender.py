@@ -26,6 +26,9 @@ from genrec.model.prompt import PromptFormat
 from genrec.model.vocab import SIDVocab
 
 FORMAT_VERSION = 1
+# A model trained under the trie softmax (``sid_softmax``) is written as version 2, so that a genrec
+# from before that option refuses it instead of scoring it under the full-vocabulary softmax.
+TRIE_FORMAT_VERSION = 2
 
 
 class GenerativeRecommender:
@@ -57,15 +60,17 @@ class GenerativeRecommender:
         if items is not None and not np.array_equal(items.sid_ids, self.sid_ids):
             raise ValueError("the model's item-ID input table was built for other SIDs than these codes")
 
-    @property
-    def trie_softmax(self):
-        """``genrec.model.sid_softmax.TrieSoftmax`` on the model's device when ``sid_softmax`` is "trie", else None."""
-        if self.sid_softmax != "trie":
-            return None
-        from genrec.model.sid_softmax import TrieSoftmax
+    def check_free_text(self, what: str) -> None:
+        """Refuse a model trained under the trie softmax for ``what``, which writes SIDs inside free text.
 
-        vocab_size = self.model.get_output_embeddings().weight.shape[0]
-        return TrieSoftmax(self.trie, self.vocab, vocab_size).to(self.device)
+        Text is sampled from the full-vocabulary softmax, which the trie loss does not train at
+        SID positions, so such a model's rationales and answers (GREAM, DeepRec) are unsupported.
+        """
+        if self.sid_softmax != "vocab":
+            raise ValueError(
+                f"{what} writes SIDs inside free text, which a model trained with sft.sid_softmax={self.sid_softmax} "
+                "never learnt to do: train it with sft.sid_softmax=vocab"
+            )
 
     @property
     def num_items(self) -> int:
@@ -149,7 +154,7 @@ class GenerativeRecommender:
         write_json(
             model_dir / "genrec.json",
             {
-                "format_version": FORMAT_VERSION,
+                "format_version": FORMAT_VERSION if self.sid_softmax == "vocab" else TRIE_FORMAT_VERSION,
                 "sid_vocab": self.vocab.to_json(),
                 "prompt_format": self.fmt.to_json(),
                 "max_history": self.max_history,
@@ -172,9 +177,12 @@ class GenerativeRecommender:
         if not meta_path.is_file():
             raise FileNotFoundError(f"{meta_path} is missing: {model_dir} is not a genrec model directory (run 'sft')")
         meta = read_json(meta_path)
-        if meta.get("format_version") != FORMAT_VERSION:
+        sid_softmax = meta.get("sid_softmax", "vocab")  # absent before sid_softmax existed: all were "vocab"
+        version = TRIE_FORMAT_VERSION if sid_softmax == "trie" else FORMAT_VERSION
+        if meta.get("format_version") != version:
             raise ValueError(
-                f"{meta_path}: format_version {meta.get('format_version')}, this genrec reads {FORMAT_VERSION}"
+                f"{meta_path}: format_version {meta.get('format_version')} with sid_softmax {sid_softmax!r}; this "
+                f"genrec reads format_version {FORMAT_VERSION} (sid_softmax 'vocab') and {TRIE_FORMAT_VERSION} ('trie')"
             )
         tokenizer = load_tokenizer(model_dir)
         vocab = SIDVocab.from_json(meta["sid_vocab"])
@@ -191,8 +199,7 @@ class GenerativeRecommender:
         codes = np.load(model_dir / "codes.npy")
         trie = SIDTrie.load(model_dir / "trie.pt").to(device)
         fmt = PromptFormat.from_json(meta["prompt_format"])
-        # Model directories written before sid_softmax existed were all trained under "vocab".
-        return cls(model, tokenizer, vocab, trie, codes, fmt, meta["max_history"], meta.get("sid_softmax", "vocab"))
+        return cls(model, tokenizer, vocab, trie, codes, fmt, meta["max_history"], sid_softmax)
 
 
 class _eval_mode:

@@ -5,9 +5,11 @@ computes, so mass the model puts on text tokens or on another level's codes cost
 ``trie``: ``log p(code) = logit - logsumexp(logits of the codes the trie allows after the SID
 prefix)``, the factorisation ``P(item) = prod_l P(c_l | c_<l, history)`` over valid SIDs only.
 
-The SFT loss (``sft.sid_softmax``), the beam search's scores, RL's policy log-probs and the
-agent's candidate scores must all use the same one, so the choice is saved with the model
-(``GenerativeRecommender.sid_softmax``, in ``genrec.json``). Under ``trie`` each position's
+The SFT loss (``sft.sid_softmax``), the beam search's scores, sampling, RL's policy log-probs and
+candidate scoring must all use the same one, so the choice is saved with the model
+(``GenerativeRecommender.sid_softmax``, in ``genrec.json``). SIDs written inside free text (GREAM's
+rationales, DeepRec's turns) are sampled from the full-vocabulary softmax, which the trie loss does
+not train, so those methods refuse ``trie`` (``GenerativeRecommender.check_free_text``). Under ``trie`` each position's
 softmax competes only among the codes that can follow there: a level-0 token against the
 other level-0 codes, a level-1 token against its siblings under the same prefix, and a
 last-level code that is its prefix's only child costs nothing. The full-vocabulary loss
@@ -105,25 +107,6 @@ class TrieSoftmax:
             follows = torch.where(level[:, :-1][here] == t - 1, follows, torch.full_like(follows, -1))
             nodes[:, 1:][here] = follows
         return nodes
-
-    def log_probs(self, logits: torch.Tensor, targets: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
-        """Log-probs (P,) of ``targets`` (P,) from full logits (P, V), ``nodes`` (P,) as ``prefix_nodes`` gives.
-
-        As ``loss_sum``'s softmax, per token; for sequences the model wrote itself (RL rollouts),
-        a SID token that continues no item's prefix (free text may hold one) keeps its
-        full-vocabulary log-prob instead of -inf.
-        """
-        levels = self.level_of[targets]
-        out = torch.log_softmax(logits.float(), dim=-1).gather(1, targets[:, None]).squeeze(1)
-        for t, (offset, size) in enumerate(zip(self.offsets, self.sizes)):
-            rows = levels == t
-            if bool(rows.any()):
-                children = self.trie.transitions[t][nodes[rows].clamp(min=0)]
-                children = children.masked_fill((nodes[rows] < 0).unsqueeze(-1), -1)
-                lp = level_log_probs(logits[rows].float(), offset, size, children, "trie")
-                lp = lp.gather(1, self.code_of[targets[rows]][:, None]).squeeze(1)
-                out = out.masked_scatter(rows, torch.where(torch.isfinite(lp), lp, out[rows]))
-        return out
 
     def loss_sum(self, head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, nodes: torch.Tensor):
         """Summed cross-entropy of ``targets`` (P,) from ``hidden`` (P, H) through the LM ``head``.

@@ -148,10 +148,11 @@ def completion_log_probs(model, input_ids, attention_mask, token_ids, offsets=No
     return sid_log_probs(logits, flat, offsets, trie).view(b, g, num_tokens)
 
 
-def sequence_log_probs(model, ids: list[list[int]], generated: list[list[bool]], pad_id: int, trie_softmax=None):
+def sequence_log_probs(model, ids: list[list[int]], generated: list[list[bool]], pad_id: int):
     """Teacher-forced log-probs (N, T-1) of every next token of variable-length rows (right-padded
     here), and (N, T-1) float 1 where ``generated`` marks the predicted token as one that takes loss.
-    ``trie_softmax`` (``GenerativeRecommender.trie_softmax``) scores SID tokens under the trie softmax.
+    Always under the full-vocabulary softmax: these rows are free text, sampled from it
+    (``GenerativeRecommender.check_free_text``).
 
     For completions of different lengths (GREAM's reasoning rollouts, DeepRec's trajectories);
     fixed-length SID completions use the cheaper :func:`completion_log_probs`.
@@ -169,12 +170,7 @@ def sequence_log_probs(model, ids: list[list[int]], generated: list[list[bool]],
         attention[b, : len(row)] = 1
     input_ids, mask, attention = input_ids.to(device), mask.to(device), attention.to(device)
     logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1].float()  # (N, T-1, V)
-    if trie_softmax is None:
-        logp = torch.log_softmax(logits, dim=-1).gather(2, input_ids[:, 1:, None]).squeeze(2)
-    else:
-        nodes = trie_softmax.prefix_nodes(input_ids)[:, 1:]
-        logp = trie_softmax.log_probs(logits.flatten(0, 1), input_ids[:, 1:].flatten(), nodes.flatten())
-        logp = logp.view_as(nodes)
+    logp = torch.log_softmax(logits, dim=-1).gather(2, input_ids[:, 1:, None]).squeeze(2)
     return logp, mask[:, 1:].float()
 
 

@@ -74,16 +74,19 @@ class NextTokenLoss(torch.nn.Module):
         target = labels[:, 1:]  # (B, T-1): position p predicts token p + 1
         keep = target != -100
         head, kept = base.get_output_embeddings(), hidden[:, :-1][keep]  # (P, H)
+        logits = None
         if self.trie_softmax is None:
-            loss = F.cross_entropy(head(kept).float(), target[keep])
-        else:
+            logits = head(kept)  # (P, V)
+            loss = F.cross_entropy(logits.float(), target[keep])
+        else:  # the head runs on each level's rows only (and on the distilled positions below)
             nodes = self.trie_softmax.prefix_nodes(input_ids)[:, 1:][keep]  # (P,): the prefix each target continues
             loss = self.trie_softmax.loss_sum(head, kept, target[keep], nodes) / max(1, int(keep.sum()))
         if distill is not None and self.distill_weight > 0:
             from genrec.train.distill import distill_loss
 
+            rows = distill["kd_positions"]
             kd = distill_loss(
-                head(kept[distill["kd_positions"]]),
+                logits[rows] if logits is not None else head(kept[rows]),
                 distill["level_token_ids"],
                 distill["level_mask"],
                 distill["kd_levels"],
@@ -571,9 +574,12 @@ def train_sft(
 def _fingerprint(
     cfg: RunConfig, dataset: Dataset, codes: np.ndarray, item_texts: list[str], task_names, sasrec=None
 ) -> str:
-    """What a checkpoint is only valid for: the config (bar the time budget), the data it trains on and
-    the SASRec it reads (teacher or item vectors), if any."""
+    """What a checkpoint is only valid for: the config (bar the time budget, and keys added since at
+    their default, as in the stage hash), the data it trains on and the SASRec it reads (teacher or
+    item vectors), if any."""
     import hashlib
+
+    from genrec.pipeline import drop_added_defaults
 
     data = hashlib.sha256(codes.tobytes())
     for seq in dataset.train_sequences():
@@ -582,12 +588,13 @@ def _fingerprint(
     if sasrec is not None:
         for name, tensor in sorted(sasrec.state_dict().items()):
             data.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
-    sft = {k: v for k, v in asdict(cfg.sft).items() if k != "max_minutes"}
+    sections = {"model": asdict(cfg.model), "sft": asdict(cfg.sft)}
+    sections["sft"].pop("max_minutes")
+    drop_added_defaults(sections)
     return config_hash(
         {
             "seed": cfg.seed,
-            "model": asdict(cfg.model),
-            "sft": sft,
+            **sections,
             "max_history": cfg.data.max_history,
             "tasks": list(task_names),
             "data": data.hexdigest(),

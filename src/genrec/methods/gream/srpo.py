@@ -101,6 +101,7 @@ def reasoning_rollout(
 
 def train_reasoning_srpo(cfg, dataset: Dataset, recommender, out_dir: Path, work_dir: Path, extra_columns=None) -> dict:
     """SRPO of ``recommender`` in place on reasoning rollouts; keeps the best valid weights."""
+    recommender.check_free_text("GREAM's SRPO")
     from tqdm import tqdm
 
     from genrec.eval.evaluate import rank_examples
@@ -185,11 +186,11 @@ def train_reasoning_srpo(cfg, dataset: Dataset, recommender, out_dir: Path, work
         if rows_kept:
             ids = [ro.ids[r] for r in rows_kept]
             gen = [ro.generated[r] for r in rows_kept]
-            logp, mask = sequence_log_probs(model, ids, gen, fmt.pad_id, recommender.trie_softmax)
+            logp, mask = sequence_log_probs(model, ids, gen, fmt.pad_id)
             ref = None
             if reference is not None:
                 with torch.no_grad():
-                    ref, _ = sequence_log_probs(reference, ids, gen, fmt.pad_id, recommender.trie_softmax)
+                    ref, _ = sequence_log_probs(reference, ids, gen, fmt.pad_id)
             adv = torch.as_tensor(advantages[keep].reshape(-1), dtype=torch.float32, device=logp.device)
             loss, stats = policy_loss(
                 logp,
