@@ -76,11 +76,11 @@ def test_a_sid_outside_the_trie_is_refused():
 def test_level_log_probs_normalise_over_the_allowed_codes_only():
     logits = torch.randn(3, 12)
     children = torch.tensor([[0, -1, 2, 3], [-1, -1, 5, -1], [-1, -1, -1, -1]])
-    lp = level_log_probs(logits, 4, 4, children, "trie")
+    lp = level_log_probs(logits, 4, children >= 0, "trie")
     assert torch.allclose(lp[:2].exp().sum(1), torch.ones(2))
     assert torch.isinf(lp[children < 0]).all() and lp[1, 2] == 0
     assert torch.isinf(lp[2]).all() and not torch.isnan(lp).any()
-    full = level_log_probs(logits, 4, 4, children, "vocab")
+    full = level_log_probs(logits, 4, children >= 0, "vocab")
     torch.testing.assert_close(full, torch.log_softmax(logits, dim=1)[:, 4:8])
 
 

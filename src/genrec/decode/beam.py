@@ -84,9 +84,10 @@ def constrained_beam_search(
         # Level 0: every prompt starts at the root (node 0), so no beam dimension yet.
         children = transitions[0][torch.zeros(batch_size, dtype=torch.long, device=device)]  # (B, V_0)
         _check_nonempty(children, torch.ones(batch_size, dtype=torch.bool, device=device), 0, None)
-        log_probs = level_log_probs(tree.prompt_logits, sid_offsets[0], sizes[0], children, sid_softmax)  # (B, V_0)
+        allowed = children >= 0
+        log_probs = level_log_probs(tree.prompt_logits, sid_offsets[0], allowed, sid_softmax)  # (B, V_0)
         k = num_return if num_levels == 1 else num_beams
-        scores, code = _topk_padded(log_probs.masked_fill(children < 0, float("-inf")), k)  # (B, k)
+        scores, code = _topk_padded(log_probs.masked_fill(~allowed, float("-inf")), k)  # (B, k)
         nodes = children.gather(1, code)  # (B, k)
         codes = code.unsqueeze(-1)  # (B, k, 1)
 
@@ -97,8 +98,9 @@ def constrained_beam_search(
             # Dead beams (-1 node) read the row of node 0; their -inf score keeps them dead.
             children = transitions[t][nodes.clamp(min=0).reshape(-1)]  # (B*nb, V_t)
             _check_nonempty(children, live, t, codes.reshape(-1, t))
-            log_probs = level_log_probs(logits, sid_offsets[t], sizes[t], children, sid_softmax)  # (B*nb, V_t)
-            cand = (scores.reshape(-1, 1) + log_probs).masked_fill(children < 0, float("-inf"))
+            allowed = children >= 0
+            log_probs = level_log_probs(logits, sid_offsets[t], allowed, sid_softmax)  # (B*nb, V_t)
+            cand = (scores.reshape(-1, 1) + log_probs).masked_fill(~allowed, float("-inf"))
             scores, flat = cand.view(batch_size, -1).topk(num_return if last else num_beams, dim=1)  # (B, k)
             beam, code = flat // sizes[t], flat % sizes[t]  # (B, k) each: source beam and its new code
             nodes = children.view(batch_size, -1).gather(1, flat)  # (B, k)
@@ -147,8 +149,9 @@ def constrained_sample(
         logits = tree.prompt_logits  # (B, V)
         children = transitions[0][torch.zeros(batch_size, dtype=torch.long, device=device)]  # (B, V_0)
         _check_nonempty(children, torch.ones(batch_size, dtype=torch.bool, device=device), 0, None)
-        code = _draw(logits, sid_offsets[0], children, temperature, num_samples, generator)  # (B, S)
-        scores = level_log_probs(logits, sid_offsets[0], sizes[0], children, sid_softmax).gather(1, code).reshape(-1)
+        allowed = children >= 0
+        code = _draw(logits, sid_offsets[0], allowed, temperature, num_samples, generator)  # (B, S)
+        scores = level_log_probs(logits, sid_offsets[0], allowed, sid_softmax).gather(1, code).reshape(-1)  # (B*S,)
         nodes = children.gather(1, code).reshape(-1)  # (B*S,)
         codes = code.reshape(-1, 1)  # (B*S, 1)
 
@@ -156,8 +159,9 @@ def constrained_sample(
             logits = tree.step(codes[:, -1].view(batch_size, num_samples) + sid_offsets[t - 1])  # (B*S, V)
             children = transitions[t][nodes]  # (B*S, V_t)
             _check_nonempty(children, torch.ones_like(nodes, dtype=torch.bool), t, codes)
-            code = _draw(logits, sid_offsets[t], children, temperature, 1, generator)  # (B*S, 1)
-            step = level_log_probs(logits, sid_offsets[t], sizes[t], children, sid_softmax)  # (B*S, V_t)
+            allowed = children >= 0
+            code = _draw(logits, sid_offsets[t], allowed, temperature, 1, generator)  # (B*S, 1)
+            step = level_log_probs(logits, sid_offsets[t], allowed, sid_softmax)  # (B*S, V_t)
             scores = scores + step.gather(1, code).squeeze(1)
             nodes = children.gather(1, code).squeeze(1)
             codes = torch.cat([codes, code], dim=1)  # (B*S, t + 1)
@@ -294,14 +298,14 @@ def _topk_padded(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
 def _draw(
     logits: torch.Tensor,
     offset: int,
-    children: torch.Tensor,
+    allowed: torch.Tensor,
     temperature: float,
     num: int,
     generator: torch.Generator | None,
 ) -> torch.Tensor:
-    """Sample ``num`` codes per row (N, num) from the tempered softmax restricted to allowed codes."""
-    level_logits = logits[:, offset : offset + children.shape[1]] / temperature  # (N, V_t)
-    probs = torch.softmax(level_logits.masked_fill(children < 0, float("-inf")), dim=1)
+    """Sample ``num`` codes per row (N, num) from the tempered softmax restricted to the ``allowed`` codes."""
+    level_logits = logits[:, offset : offset + allowed.shape[1]] / temperature  # (N, V_t)
+    probs = torch.softmax(level_logits.masked_fill(~allowed, float("-inf")), dim=1)
     return torch.multinomial(probs, num, replacement=True, generator=generator)
 
 
@@ -345,9 +349,8 @@ def score_candidates(
             return torch.log_softmax(logits, dim=-1).gather(1, tok).reshape(-1)
         size = int(trie.transitions[t].shape[1])
         code = (tok - sid_offsets[t]).clamp(0, size - 1)
-        row_nodes = nodes.view(len(logits), -1)[:, 0]  # all the root at level 0
-        children = trie.transitions[t][row_nodes.clamp(min=0)].masked_fill((row_nodes < 0).unsqueeze(-1), -1)
-        lp = level_log_probs(logits, sid_offsets[t], size, children, "trie").gather(1, code).reshape(-1)
+        allowed = trie.allowed_mask(t, nodes.view(len(logits), -1)[:, 0])  # (R, V_t); all the root at level 0
+        lp = level_log_probs(logits, sid_offsets[t], allowed, "trie").gather(1, code).reshape(-1)
         nodes = trie.advance(t, nodes, code.reshape(-1))
         return lp
 

@@ -31,18 +31,19 @@ def check_sid_softmax(name: str) -> str:
     return name
 
 
-def level_log_probs(logits: torch.Tensor, offset: int, size: int, children: torch.Tensor, sid_softmax: str):
+def level_log_probs(logits: torch.Tensor, offset: int, allowed: torch.Tensor, sid_softmax: str):
     """Log-probs of level ``t``'s codes, (N, V) logits -> (N, size).
 
-    ``children`` (N, size): the trie's transitions of each row's prefix (>= 0 where the code is
-    allowed). Under ``vocab`` the slice of the full-vocabulary log_softmax (disallowed codes
-    keep their value; the caller masks them); under ``trie`` the log_softmax over the allowed
-    codes alone, -inf elsewhere. A row with no allowed code is all -inf under ``trie``.
+    ``allowed`` (N, size) bool: the codes the trie allows after each row's prefix
+    (``SIDTrie.allowed_mask``), the level's codes starting at token id ``offset``. Under ``vocab``
+    the slice of the full-vocabulary log_softmax (disallowed codes keep their value; the caller
+    masks them); under ``trie`` the log_softmax over the allowed codes alone, -inf elsewhere. A
+    row with no allowed code is all -inf under ``trie``.
     """
-    level = logits[:, offset : offset + size]
+    level = logits[:, offset : offset + allowed.shape[1]]
     if sid_softmax == "vocab":
         return level - torch.logsumexp(logits, dim=1, keepdim=True)
-    masked = level.masked_fill(children < 0, float("-inf"))
+    masked = level.masked_fill(~allowed, float("-inf"))
     norm = torch.logsumexp(masked, dim=1, keepdim=True)
     return masked - torch.where(torch.isfinite(norm), norm, torch.zeros_like(norm))
 
@@ -59,9 +60,8 @@ def sid_log_probs(logits: torch.Tensor, token_ids: torch.Tensor, offsets: torch.
     nodes = torch.zeros(len(codes), dtype=torch.long, device=codes.device)
     out = []
     for t in range(codes.shape[1]):
-        children = trie.transitions[t][nodes.clamp(min=0)].masked_fill((nodes < 0).unsqueeze(-1), -1)  # (N, V_t)
-        size, offset = children.shape[1], int(offsets[t])
-        out.append(level_log_probs(logits[:, t], offset, size, children, "trie").gather(1, codes[:, t : t + 1]))
+        allowed = trie.allowed_mask(t, nodes)  # (N, V_t)
+        out.append(level_log_probs(logits[:, t], int(offsets[t]), allowed, "trie").gather(1, codes[:, t : t + 1]))
         nodes = trie.advance(t, nodes, codes[:, t])
     if bool((nodes < 0).any()):
         raise ValueError("a SID scored under the trie softmax is no item's SID")

@@ -419,7 +419,7 @@ def train_sft(
         from genrec.model.sid_softmax import TrieSoftmax
 
         vocab_size = model.get_output_embeddings().weight.shape[0]
-        trie_softmax = TrieSoftmax(SIDTrie(codes, codebook_sizes), backbone.vocab, vocab_size).to(accelerator.device)
+        trie_softmax = TrieSoftmax(trie, backbone.vocab, vocab_size).to(accelerator.device)
     loss_module = NextTokenLoss(model, sft.distill, sft.distill_temperature, trie_softmax)
     loss_module, optimizer = accelerator.prepare(loss_module, optimizer)
     # Stepped once per optimizer step (accelerate's scheduler wrapper would step once per process).
