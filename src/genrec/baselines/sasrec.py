@@ -172,7 +172,8 @@ def train_sasrec(
     interface (``forward``, ``item_logits``, ``score`` and ``max_len``), built under the same seed;
     ``bench/bench_backbone_ids.py`` trains Qwen2 decoders this way. A model with
     ``window_tokens(inputs, targets)`` rewrites the windows into its own tokens (targets shifted
-    by one, 0 = no target, as here). ``valid_examples`` (default: every valid user) is what early
+    by one, 0 = no target, as here); one with ``window_loss(h, targets)`` computes its own loss from the
+    real positions' states and item ids instead of the cross-entropy over ``item_logits``. ``valid_examples`` (default: every valid user) is what early
     stopping ranks.
     """
     from genrec.train.epochs import fit_epochs, valid_ndcg
@@ -199,13 +200,15 @@ def train_sasrec(
             seq, tgt = inputs_t[idx], targets_t[idx]
             h = model(seq)  # (B, T, H)
             keep = tgt > 0
-            logits = model.item_logits(h[keep])  # (P, N): only real positions
-            loss = F.cross_entropy(logits, tgt[keep] - 1)
+            if hasattr(model, "window_loss"):  # a model with its own output layer (bench_backbone_ids.py)
+                loss = model.window_loss(h[keep], tgt[keep] - 1)
+            else:
+                loss = F.cross_entropy(model.item_logits(h[keep]), tgt[keep] - 1)  # (P, N): real positions only
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += loss.item() * len(logits)
-            count += len(logits)
+            total += loss.item() * int(keep.sum())
+            count += int(keep.sum())
         return {"loss": total / max(count, 1)}
 
     curves = fit_epochs(
