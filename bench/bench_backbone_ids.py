@@ -13,10 +13,16 @@ stage's ``codes.npy``) then its own token, as ``sid.levels=1 sid.collision=item`
 trains the same decoder with the same loop on every next token: the generative layout with
 nothing else of the generative model (no task head, no frozen vectors, no text vocabulary).
 ``--carry`` adds the last item's token embedding at each group-code position; ``--constrained``
-trains each position's softmax over the tokens that the trie allows there only.
+trains each position's softmax over the tokens that the trie allows there only. ``--arch sid-head``
+is the pipeline's item layout (``model.layout: items``, ``genrec.model.item_layout``): one position
+per item, read as the sum of its codes' rows (``--codes``: a ``sid`` stage's codes.npy), and the next
+item's SID generated level by level from that position by a depth head; ``--sasrec-input`` adds the
+run's SASRec item vectors, frozen, to the input.
 
     python bench/bench_backbone_ids.py bench/out/baselines/beauty/seed_1 --arch qwen2 \\
         --out bench/out/backbone/q64_s1 --seed 1
+    python bench/bench_backbone_ids.py bench/out/baselines/beauty/seed_1 --arch sid-head \\
+        --codes bench/out/explore/item1d3_s1/sid/codes.npy --out bench/out/backbone/sidhead_leaf_s1 --seed 1
     python bench/bench_backbone_ids.py bench/out/baselines/beauty/seed_1 --arch two-token \\
         --groups bench/out/explore/item1d3_s1/sid/codes.npy --out bench/out/backbone/two_s1 --seed 1
 
@@ -177,144 +183,6 @@ class TwoTokenItems(Qwen2Items):
         return lp.max(dim=1).values  # each item lies in one group: its row's value, -1e9 elsewhere
 
 
-class SIDHeadItems(Qwen2Items):
-    """The id model's layout (one position per item) with the generative model's output: the next item's
-    Semantic ID, generated level by level on the trie from that one position's state.
-
-    ``codes`` (N, L) are a ``sid`` stage's codes. Level 0's logits are ``h @ W_0``; level ``l``'s are
-    ``z @ W_l`` with ``z = u + MLP_l(LN(u))`` and ``u = h + W_0[c_0] + ... + W_{l-1}[c_{l-1}]`` (the prefix
-    chosen so far, read through the levels' own output rows), each softmax over the codes that the trie
-    allows after the prefix. So an item's log-probability is the sum of its levels', as beam search on the
-    trie scores it, and the position that predicts every level holds the last item in its residual stream
-    (the generative layout's item tokens are predicted from their group code's position instead). With
-    ``sid_input`` an item's input is the sum of its codes' rows ``W_l[c_l]`` (Semantic IDs in, Semantic IDs
-    out, no per-item parameter anywhere); without, the id model's learned item table.
-    """
-
-    def __init__(
-        self,
-        codes,
-        max_len: int,
-        hidden: int,
-        layers: int,
-        heads: int,
-        ffn: int,
-        dropout: float,
-        sid_input: bool,
-        item_vectors=None,
-    ):
-        import numpy as np
-
-        codes = np.asarray(codes, dtype=np.int64)
-        num_items, L = codes.shape
-        super().__init__(0 if sid_input else num_items, max_len, hidden, layers, heads, ffn, dropout)
-        self.num_items, self.sid_input, self.p = num_items, sid_input, dropout
-        # Frozen (N + 1, D) vectors (row 0 padding) through a trained D -> H projection, or None.
-        self.register_buffer("item_vectors", None, persistent=False)
-        if item_vectors is not None:
-            rows = torch.cat([torch.zeros(1, item_vectors.shape[1]), torch.as_tensor(item_vectors).float()])
-            self.register_buffer("item_vectors", rows, persistent=False)
-            self.item_proj = torch.nn.Linear(rows.shape[1], hidden, bias=False)
-            torch.nn.init.normal_(self.item_proj.weight, std=0.02)
-        self.sizes = [int(codes[:, level].max()) + 1 for level in range(L)]
-        self.code_emb = torch.nn.ModuleList(torch.nn.Embedding(k, hidden) for k in self.sizes)
-        self.mlp = torch.nn.ModuleList(
-            torch.nn.Sequential(
-                torch.nn.LayerNorm(hidden), torch.nn.Linear(hidden, ffn), torch.nn.GELU(), torch.nn.Linear(ffn, hidden)
-            )
-            for _ in range(L)
-        )
-        for module in [*self.code_emb, *self.mlp]:
-            for param in module.parameters():
-                if param.dim() > 1:
-                    torch.nn.init.normal_(param, std=0.02)
-        # The trie: each item's prefix node at each level, each node's allowed codes and its prefix codes.
-        nodes, self.multi_nodes = [], []
-        pad = np.zeros((1, L), dtype=np.int64)
-        self.register_buffer("codes", torch.as_tensor(np.concatenate([pad, codes])), persistent=False)
-        for level in range(L):
-            prefixes, node = np.unique(codes[:, :level], axis=0, return_inverse=True)
-            node = node.reshape(-1)
-            allowed = np.zeros((len(prefixes), self.sizes[level]), dtype=bool)
-            allowed[node, codes[:, level]] = True
-            nodes.append(node)
-            self.register_buffer(f"allowed_{level}", torch.as_tensor(allowed), persistent=False)
-            self.register_buffer(
-                f"prefix_{level}", torch.as_tensor(prefixes.reshape(len(prefixes), level)), persistent=False
-            )
-        self.register_buffer("nodes", torch.as_tensor(np.stack(nodes, axis=1)), persistent=False)  # (N, L)
-
-    def embed(self, seq: torch.Tensor) -> torch.Tensor:
-        if not self.sid_input:
-            return super().embed(seq)
-        codes = self.codes[seq]  # (B, T, L); padding (row 0) is masked below
-        x = sum(emb(codes[..., level]) for level, emb in enumerate(self.code_emb))
-        if self.item_vectors is not None:
-            x = x + self.item_proj(self.item_vectors[seq])
-        x = x * (seq > 0).unsqueeze(-1)
-        return torch.nn.functional.dropout(x, self.p, self.training)
-
-    def level_state(self, u: torch.Tensor, level: int) -> torch.Tensor:
-        """u (..., H): the state plus its prefix's rows -> the vector that scores the level's codes."""
-        if level == 0:
-            return u
-        return u + torch.nn.functional.dropout(self.mlp[level](u), self.p, self.training)
-
-    def level_logits(self, u: torch.Tensor, level: int) -> torch.Tensor:
-        """u (..., H): the state plus its prefix's rows -> logits (..., K_level)."""
-        return self.level_state(u, level) @ self.code_emb[level].weight.T
-
-    def window_loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced NLL of each target's Semantic ID (sum over levels, mean over positions)."""
-        loss, u = 0.0, h
-        for level in range(len(self.sizes)):
-            code = self.codes[targets + 1, level]
-            allowed = getattr(self, f"allowed_{level}")[self.nodes[targets, level]]
-            logits = self.level_logits(u, level).masked_fill(~allowed, float("-inf"))
-            loss = loss + torch.nn.functional.cross_entropy(logits, code)
-            u = u + self.code_emb[level](code)
-        return loss
-
-    @torch.no_grad()
-    def score(self, histories) -> torch.Tensor:
-        """Every item's exact log-probability, level by level over the trie's edges (node, code).
-
-        Only the nodes with more than one child are computed (an only child has log-probability 0); a level's
-        logits are taken on its edges alone, not on every code under every node, so that a level of one
-        code per item (``sid.collision=item``) costs one dot product per item. Users go in chunks that keep
-        the gathered states (users x edges x H) near 16M floats.
-        """
-        h = self.encode(histories)  # (B, H)
-        lp = torch.zeros(len(h), self.num_items, device=h.device)
-        for level in range(len(self.sizes)):
-            allowed = getattr(self, f"allowed_{level}")
-            multi = torch.nonzero(allowed.sum(1) > 1).squeeze(1)  # (m,)
-            if len(multi) == 0:
-                continue
-            where = torch.full((len(allowed),), -1, dtype=torch.long, device=h.device)
-            where[multi] = torch.arange(len(multi), device=h.device)
-            row = where[self.nodes[:, level]]  # (N,): the item's node among the m, -1 = an only child
-            items = torch.nonzero(row >= 0).squeeze(1)
-            edges, item_edge = torch.unique(
-                torch.stack([row[items], self.codes[items + 1, level]], dim=1), dim=0, return_inverse=True
-            )  # (E, 2): (node among the m, code)
-            prefix = getattr(self, f"prefix_{level}")[multi]  # (m, level)
-            rows = sum((self.code_emb[k](prefix[:, k]) for k in range(level)), torch.zeros_like(h[:1]))  # (m, H)
-            out = self.code_emb[level].weight[edges[:, 1]]  # (E, H)
-            chunk = max(1, (1 << 24) // (len(edges) * h.shape[1]))
-            for s in range(0, len(h), chunk):
-                z = self.level_state(h[s : s + chunk].unsqueeze(1) + rows.unsqueeze(0), level)  # (b, m, H)
-                logits = (z[:, edges[:, 0]] * out).sum(-1)  # (b, E)
-                top = torch.full((len(z), len(multi)), float("-inf"), device=h.device)
-                top = top.scatter_reduce(1, edges[:, 0].expand_as(logits), logits, "amax")
-                total = torch.zeros_like(top).scatter_add(
-                    1, edges[:, 0].expand_as(logits), (logits - top[:, edges[:, 0]]).exp()
-                )
-                edge_lp = logits - (total.log() + top)[:, edges[:, 0]]
-                lp[s : s + chunk, items] += edge_lp[:, item_edge]
-        return lp
-
-
 def main() -> None:
     from genrec.baselines.sasrec import train_sasrec
     from genrec.config import EvalConfig, SASRecConfig
@@ -327,10 +195,7 @@ def main() -> None:
     ap.add_argument("--arch", choices=["qwen2", "sasrec", "two-token", "sid-head"], default="qwen2")
     ap.add_argument("--groups", type=Path, default=None, help="two-token: a sid stage's codes.npy (column 0 = group)")
     ap.add_argument("--codes", type=Path, default=None, help="sid-head: a sid stage's codes.npy (all levels)")
-    ap.add_argument("--sid-input", action="store_true", help="sid-head: items in as the sum of their codes' rows")
-    ap.add_argument(
-        "--sasrec-input", action="store_true", help="sid-head --sid-input: plus the run's SASRec item vectors, frozen"
-    )
+    ap.add_argument("--sasrec-input", action="store_true", help="sid-head: plus the run's SASRec item vectors, frozen")
     ap.add_argument("--valid-users", type=int, default=3000, help="two-token, sid-head: valid users for early stopping")
     ap.add_argument("--top-groups", type=int, default=16, help="two-token: groups expanded per test user")
     ap.add_argument("--carry", action="store_true", help="two-token: the last item's embedding at each group code")
@@ -364,10 +229,13 @@ def main() -> None:
 
     def build() -> torch.nn.Module:  # not for --arch sasrec: train_sasrec builds that from cfg itself
         if args.arch == "sid-head":
+            from genrec.model.item_layout import ItemLayoutModel
+
             vectors = None
             if args.sasrec_input:
                 vectors = SASRec.load(args.run_dir / "sasrec" / "model.pt").item_emb.weight[1:].detach()
-            return SIDHeadItems(np.load(args.codes), *sizes, sid_input=args.sid_input, item_vectors=vectors)
+            kv = sizes[3]  # as many key-value heads as heads, as Qwen2Items has
+            return ItemLayoutModel(np.load(args.codes), *sizes[:4], kv, *sizes[4:], item_vectors=vectors)
         if not two_token:
             return Qwen2Items(dataset.num_items, *sizes)
         model = TwoTokenItems(groups, *sizes)
@@ -395,9 +263,7 @@ def main() -> None:
     )
     params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     summary = {
-        "arch": args.arch
-        + (" (sid input)" if args.sid_input else "")
-        + (" + sasrec vectors" if args.sasrec_input else ""),
+        "arch": args.arch + (" + sasrec vectors" if args.sasrec_input else ""),
         "seed": args.seed,
         "sasrec": dataclasses.asdict(cfg),
         "ffn": ffn,

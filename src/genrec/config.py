@@ -323,6 +323,11 @@ class ModelConfig:
     # Training only: the probability that an item occurrence loses its whole vector, so the
     # model keeps reading its SID tokens too.
     item_dropout: float = 0.0
+    # "tokens": each history item is its SID tokens in one token sequence (every task and stage).
+    # "items": one position per item (the sum of its codes' rows), the next item's SID generated
+    # level by level by a depth head (genrec.model.item_layout, docs/sft.md): seqrec only, stages
+    # sft and eval, a scratch backbone, trained with SASRec's loop (sft.batch_size windows a batch).
+    layout: str = "tokens"
 
     def __post_init__(self) -> None:
         _check(bool(self.backbone), "model.backbone must be 'scratch' or a local checkpoint directory")
@@ -333,6 +338,7 @@ class ModelConfig:
         _check(min(self.hidden_size, self.num_layers, self.intermediate_size) >= 1, "model sizes must be >= 1")
         _check(self.text_vocab_size >= 1, f"model.text_vocab_size must be >= 1, got {self.text_vocab_size}")
         _check(self.lora_r >= 0, f"model.lora_r must be >= 0 (0 disables LoRA), got {self.lora_r}")
+        _check(self.layout in ("tokens", "items"), f"model.layout must be 'tokens' or 'items', got {self.layout!r}")
         _check(
             self.lora_r == 0 or self.backbone != "scratch",
             "model.lora_r > 0 needs a pretrained model.backbone directory; the scratch model trains every weight",
@@ -391,6 +397,8 @@ class SFTConfig:
     # (genrec.model.sid_softmax): "vocab" over the whole vocabulary, "trie" over the codes the
     # item trie allows after the SID's prefix (docs/sft.md).
     sid_softmax: str = "vocab"
+    # model.layout: items only: training windows per batch (the token layout batches by tokens).
+    batch_size: int = 256
 
     def __post_init__(self) -> None:
         _check(bool(self.tasks), "sft.tasks must name at least one task, e.g. {seqrec: 1.0}")
@@ -581,6 +589,30 @@ class RunConfig:
             f"sft.sid_softmax={self.sft.sid_softmax} works with the seqrec recommender only; "
             f"set it to vocab for the stage {text_stages[0] if text_stages else ''}",
         )
+        if self.model.layout == "items":
+            self._check_item_layout()
+
+    def _check_item_layout(self) -> None:
+        """What ``model.layout: items`` supports: SFT on seqrec from scratch and its evaluation (genrec.model.item_layout)."""
+        token_stages = ("rl", "gream_sft", "gream_eval", "gream_rl", "agent_sft", "agent_eval", "agent_rl")
+        bad = [s for s in self.stages if s in token_stages]
+        _check(not bad, f"model.layout=items supports the stages sft and eval, not {bad[0] if bad else ''}")
+        m, sft = self.model, self.sft
+        _check(m.backbone == "scratch", "model.layout=items needs model.backbone: scratch")
+        _check(m.lora_r == 0, "model.layout=items trains every weight: set model.lora_r to 0")
+        _check(
+            m.item_embedding in ("none", "sasrec"),
+            f"model.layout=items reads model.item_embedding none or sasrec, got {m.item_embedding!r}",
+        )
+        _check(m.item_dropout == 0.0, "model.layout=items has no model.item_dropout: set it to 0")
+        _check(
+            set(sft.tasks) == {"seqrec"}, f"model.layout=items trains the seqrec task alone, got sft.tasks {sft.tasks}"
+        )
+        unsupported = {"sft.distill": sft.distill != 0.0, "sft.ema_decay": sft.ema_decay != 0.0}
+        unsupported["sft.sid_softmax"] = sft.sid_softmax != "vocab"  # its depth head always renormalises on the trie
+        named = [k for k, on in unsupported.items() if on]
+        _check(not named, f"model.layout=items does not support {named[0] if named else ''}: leave it at its default")
+        _check(sft.batch_size >= 1, f"sft.batch_size must be >= 1, got {sft.batch_size}")
 
 
 # --------------------------------------------------------------------------- loading

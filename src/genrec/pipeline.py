@@ -34,9 +34,11 @@ log = logging.getLogger("genrec")
 ADDED_KEYS: dict[str, Any] = {
     "model.item_dropout": 0.0,
     "model.item_embedding": "none",
+    "model.layout": "tokens",
     "rl.scale_rewards": "group",
     "rl.prompts": "targets",
     "sft.distill": 0.0,
+    "sft.batch_size": 256,
     "sft.distill_temperature": 1.0,
     "sft.sid_softmax": "vocab",
     "sid.embedding": "text",

@@ -165,6 +165,7 @@ def train_sasrec(
     eval_batch: int = 512,
     build_model: Callable[[], nn.Module] | None = None,
     valid_examples=None,
+    name: str = "sasrec",
 ) -> tuple[SASRec, list[dict]]:
     """Train with early stopping on valid NDCG@10; resumes from ``work_dir/checkpoint.pt`` (``fit_epochs``).
 
@@ -172,9 +173,10 @@ def train_sasrec(
     interface (``forward``, ``item_logits``, ``score`` and ``max_len``), built under the same seed;
     ``bench/bench_backbone_ids.py`` trains Qwen2 decoders this way. A model with
     ``window_tokens(inputs, targets)`` rewrites the windows into its own tokens (targets shifted
-    by one, 0 = no target, as here); one with ``window_loss(h, targets)`` computes its own loss from the
-    real positions' states and item ids instead of the cross-entropy over ``item_logits``. ``valid_examples`` (default: every valid user) is what early
-    stopping ranks.
+    by one, 0 = no target, as here); one with ``window_loss(h, targets)`` computes its own loss
+    from the real positions' states and item ids instead of the cross-entropy over
+    ``item_logits`` (``genrec.model.item_layout``). ``valid_examples`` (default: every valid
+    user) is what early stopping ranks; ``name`` labels the progress bar and the log.
     """
     from genrec.train.epochs import fit_epochs, valid_ndcg
 
@@ -212,7 +214,7 @@ def train_sasrec(
         return {"loss": total / max(count, 1)}
 
     curves = fit_epochs(
-        "sasrec", model, opt, train_epoch, lambda: valid_ndcg(model.score, valid, eval_batch), cfg, work_dir
+        name, model, opt, train_epoch, lambda: valid_ndcg(model.score, valid, eval_batch), cfg, work_dir
     )
     return model, curves
 

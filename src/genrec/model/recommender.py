@@ -177,6 +177,11 @@ class GenerativeRecommender:
         if not meta_path.is_file():
             raise FileNotFoundError(f"{meta_path} is missing: {model_dir} is not a genrec model directory (run 'sft')")
         meta = read_json(meta_path)
+        if meta.get("layout") == "items":
+            raise ValueError(
+                f"{meta_path}: an item-layout model (model.layout: items); genrec.model.item_layout.load reads it, "
+                "and of the stages only sft and eval (and 'genrec recommend') support it"
+            )
         sid_softmax = meta.get("sid_softmax", "vocab")  # absent before sid_softmax existed: all were "vocab"
         version = TRIE_FORMAT_VERSION if sid_softmax == "trie" else FORMAT_VERSION
         if meta.get("format_version") != version:

@@ -682,6 +682,10 @@ def run(ctx) -> dict:
         from genrec.baselines.sasrec import SASRec
 
         teacher = SASRec.load(ctx.input("sasrec") / "model.pt")
+    if cfg.model.layout == "items":  # one position per item, a SID depth head (genrec.model.item_layout)
+        from genrec.train.item_sft import train_items
+
+        return train_items(cfg, dataset, codes, ctx.out, ctx.work, sasrec=teacher)
     return train_sft(
         cfg,
         dataset,
