@@ -34,7 +34,8 @@ import bench_baselines  # noqa: E402
 
 # The datasets' generative configs (their sid, model, sft and rl sections); every variant but
 # "without MLIM" adds DEEPINTEREST.
-CONFIGS = {"ml-100k": "configs/ml-100k.yaml", "beauty": "configs/beauty.yaml"}
+# Beauty's token-layout config: configs/beauty.yaml has the item layout since 2026-12-06, which has no RL stage.
+CONFIGS = {"ml-100k": "configs/ml-100k.yaml", "beauty": "configs/beauty-tokens.yaml"}
 # The DeepInterestGR sections; configs/deepinterest-ml-100k.yaml is configs/ml-100k.yaml plus
 # these (a test checks it).
 DEEPINTEREST = [

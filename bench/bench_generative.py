@@ -5,7 +5,8 @@ with an ablation over RL rewards.
         [--rewards rank exact rsvr ...] [--set KEY=VALUE ...]
 
 Per dataset and seed, one run of `configs/<dataset>.yaml` with stages
-[prepare, popularity, sasrec, text, embed, sid, sft, eval, rl] into
+[prepare, popularity, sasrec, text, embed, sid, sft, eval, rl] (without rl for a config of the
+item layout, `model.layout: items`, which has no RL stage) into
 bench/out/baselines/<dataset>/seed_<s>/, the run directories of bench/bench_baselines.py: the
 baseline stages have the same config there, so a seed whose SASRec already ran is not trained
 again (the pipeline skips a finished stage whose config and inputs are unchanged), and SASRec
@@ -39,6 +40,7 @@ import bench_baselines  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"ml-100k": "configs/ml-100k.yaml", "beauty": "configs/beauty.yaml", "scientific": "configs/scientific.yaml"}
 STAGES = "stages=[prepare, popularity, sasrec, text, embed, sid, sft, eval, rl]"
+STAGES_NO_RL = "stages=[prepare, popularity, sasrec, text, embed, sid, sft, eval]"  # model.layout: items
 # variant -> rl overrides. The config's own rewards are the main run's ("config").
 # The variants measured before the configs moved to the listwise loss on unlabelled histories
 # (2026-12-04) pin the GRPO loss on target prompts, and the lr they ran at; the configs' steps.
@@ -129,15 +131,25 @@ def dataset_section(name, base_dir: Path, variant_dirs: dict[str, Path], seeds, 
         if "sft+rl" in got:
             rows[f"sft+rl ({variant})"] = got["sft+rl"]
     stats = read_json(runs[0] / "prepare/stats.json")
-    rewards = read_json(runs[0] / "config.json")["rl"]["rewards"]
+    run_cfg = read_json(runs[0] / "config.json")
+    rewards = run_cfg["rl"]["rewards"]
+    items_layout = run_cfg["model"].get("layout") == "items"
     lines = [
         f"### {name}: {stats['users']:,} users, {stats['items']:,} items, {stats['interactions']:,} interactions\n",
         f"Command: `{command}`; {platform.machine()}, {os.cpu_count()} CPU cores, "
         f"Python {platform.python_version()}, {time.strftime('%Y-%m-%d')}; wall {wall_s / 60:.1f} min.\n",
         format_summary(rows, ks=(5, 10, 20)) + "\n",
-        f"Config rewards: `{rewards}`. RL gain in test NDCG@10 over the same seed's SFT model "
-        "(mean ± std over seeds, then per seed):\n",
     ]
+    if items_layout:
+        lines.append(
+            "The config's item layout (`model.layout: items`) ranks the whole catalogue by every item's exact "
+            "log-probability (no beam) and has no RL stage.\n"
+        )
+    else:
+        lines.append(
+            f"Config rewards: `{rewards}`. RL gain in test NDCG@10 over the same seed's SFT model "
+            "(mean ± std over seeds, then per seed):\n"
+        )
     sft = rows.get("sft", {}).get("ndcg@10", {}).get("values", [])
     for row, metrics in rows.items():
         if row.startswith("sft+rl") and sft and len(metrics["ndcg@10"]["values"]) == len(sft):
@@ -148,8 +160,9 @@ def dataset_section(name, base_dir: Path, variant_dirs: dict[str, Path], seeds, 
         lines.append(
             "SFT per seed: "
             + "; ".join(
-                f"{s['epochs']} epochs (best {s['best_epoch']}, {s['stop_reason']}), {s['train_seconds'] / 60:.1f} min, "
-                f"{s['tokens_per_s']:,.0f} tokens/s"
+                f"{s['epochs']} epochs (best {s['best_epoch']}, {s.get('stop_reason', 'early stop or budget')}), "
+                f"{s['train_seconds'] / 60:.1f} min"
+                + (f", {s['tokens_per_s']:,.0f} tokens/s" if "tokens_per_s" in s else f", layout {s.get('layout')}")
                 for s in sft_runs
             )
             + ".\n"
@@ -182,7 +195,12 @@ def main() -> int:
     for name in args.datasets:
         started = time.time()
         base_dir = args.base / name
-        cfg = load_config(ROOT / CONFIGS[name], [f"run_dir={base_dir}", STAGES, *args.set])
+        stages = STAGES
+        if load_config(ROOT / CONFIGS[name], [f"run_dir={base_dir}", STAGES_NO_RL, *args.set]).model.layout == "items":
+            stages = STAGES_NO_RL
+            if args.rewards:
+                raise SystemExit(f"{CONFIGS[name]} is an item-layout config (model.layout: items): it has no rl stage")
+        cfg = load_config(ROOT / CONFIGS[name], [f"run_dir={base_dir}", stages, *args.set])
         run_seeds(cfg, args.seeds)
         variant_dirs = {}
         for variant in args.rewards:
@@ -202,7 +220,7 @@ def main() -> int:
     header = (
         "# The generative recommender: SFT and SFT+RL next to SASRec\n\n"
         "Test split, leave-one-out, full ranking over all items, seen items excluded, trie-constrained beam "
-        "search, mean ± std over the seeds. SASRec and the generative model come from the same run directories. "
+        "search (the item layout: exact scores of every item), mean ± std over the seeds. SASRec and the generative model come from the same run directories. "
         "Each dataset's section gives its command and machine.\n\n"
     )
     # Read now, not at the start: keeps the sections other runs wrote meanwhile.

@@ -78,7 +78,7 @@ def test_checkpoint_round_trip_keeps_scores_and_frozen_vectors(tmp_path):
         model.score([np.array([25])])
 
 
-def test_sft_and_eval_stages_train_save_and_rank_the_catalogue(tiny_dataset, tmp_path):
+def test_sft_and_eval_stages_train_save_and_rank_the_catalogue(tiny_dataset, tmp_path, capsys):
     sys.path.insert(0, str(TESTS))
     from genrec.eval.generative import evaluate_model_dir
     from genrec.model.recommender import GenerativeRecommender
@@ -113,6 +113,18 @@ def test_sft_and_eval_stages_train_save_and_rank_the_catalogue(tiny_dataset, tmp
     assert result["ranking"] == "exact" and 0.0 <= result["test_ndcg@10"] <= 1.0
     metrics = json.loads((ev.out / "metrics.json").read_text())
     assert metrics["test"]["users"] == len(Dataset_examples(run_dir, "test"))
+
+    # genrec recommend: the top k of the exact scores, the history's own items left out.
+    from genrec.cli import main
+
+    assert main(["recommend", str(run_dir), "--history", "0", "1", "-k", "5"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    ranked = [
+        int(line.split()[1])
+        for line in lines[lines.index(next(x for x in lines if x.strip().startswith("rank"))) + 1 :]
+    ]
+    assert len(ranked) == 5 and not {0, 1} & set(ranked)
+    assert main(["recommend", str(run_dir), "--history", "0", "--mode", "reasoning"]) == 1
 
 
 def Dataset_examples(run_dir: Path, split: str):

@@ -116,9 +116,23 @@ def print_transcript(tr: dict) -> None:
     print(f"closed by the model: {tr['closed']}\n")
 
 
+class _ItemLayoutTopK:
+    """``recommend`` of an item-layout model: the top ``k`` of its exact log-probabilities, best first."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def recommend(self, histories, num_beams: int, k: int):
+        from types import SimpleNamespace
+
+        scores, items = self.model.score(histories).topk(min(k, self.model.num_items), dim=1)
+        return SimpleNamespace(items=items, scores=scores)
+
+
 def cmd_recommend(args) -> int:
     import pandas as pd
 
+    from genrec.model import item_layout
     from genrec.model.recommender import GenerativeRecommender
 
     run_dir = Path(args.run_dir)
@@ -137,6 +151,10 @@ def cmd_recommend(args) -> int:
                 f"(stage agent_sft or agent_rl) and the run's trm stage; this one serves {service.modes}"
             )
         rec = service.recommender
+    elif item_layout.is_item_layout(model_dir):  # exact scores of every item: its top k, no beam
+        if args.mode != "direct":
+            raise ValueError(f"{model_dir} is an item-layout model (model.layout: items): it has the direct mode only")
+        rec = _ItemLayoutTopK(item_layout.load(model_dir))
     else:
         rec = GenerativeRecommender.load(model_dir)
     seen = set(history) if args.exclude_seen else set()

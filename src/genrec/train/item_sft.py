@@ -82,11 +82,18 @@ def train_items(
     seconds = time.time() - started
     best = max(curves, key=lambda r: r.get("valid_ndcg@10", -1.0), default={})
     params = {id(p): p for p in model.parameters()}.values()
+    if len(curves) >= sft.max_epochs:
+        stop = "max_epochs"
+    elif sft.max_minutes and seconds > 60 * sft.max_minutes:
+        stop = "max_minutes"
+    else:
+        stop = "early_stop"
     summary = {
         "layout": "items",
         "best_valid_ndcg@10": best.get("valid_ndcg@10", -1.0),
         "best_epoch": best.get("epoch", -1),
         "epochs": len(curves),
+        "stop_reason": stop,
         "train_seconds": round(seconds, 1),
         "params": {
             "total": sum(p.numel() for p in params),
