@@ -117,7 +117,10 @@ def gain_cells(sft: list[float], rl: list[float]) -> str:
     return f"{np.mean(gains):+.1f}% ± {spread:.1f} ({', '.join(f'{g:+.1f}%' for g in gains)})"
 
 
-def dataset_section(name, base_dir: Path, variant_dirs: dict[str, Path], seeds, command: str, wall_s: float) -> str:
+def dataset_section(
+    name, base_dir: Path, variant_dirs: dict[str, Path], seeds, command: str, wall_s: float, cfg
+) -> str:
+    """The dataset's Markdown section; ``cfg`` is the config the runs were checked against (its rewards, its layout)."""
     from genrec.eval.aggregate import collect, format_summary, summarise
     from genrec.io import read_json
 
@@ -131,9 +134,8 @@ def dataset_section(name, base_dir: Path, variant_dirs: dict[str, Path], seeds, 
         if "sft+rl" in got:
             rows[f"sft+rl ({variant})"] = got["sft+rl"]
     stats = read_json(runs[0] / "prepare/stats.json")
-    run_cfg = read_json(runs[0] / "config.json")
-    rewards = run_cfg["rl"]["rewards"]
-    items_layout = run_cfg["model"].get("layout") == "items"
+    # From the config, not a run's config.json: that is rewritten only when a stage runs.
+    rewards, items_layout = cfg.rl.rewards, cfg.model.layout == "items"
     lines = [
         f"### {name}: {stats['users']:,} users, {stats['items']:,} items, {stats['interactions']:,} interactions\n",
         f"Command: `{command}`; {platform.machine()}, {os.cpu_count()} CPU cores, "
@@ -216,7 +218,7 @@ def main() -> int:
         command += bench_baselines.set_flags(args.set)
         if args.results != ap.get_default("results"):
             command += f" --base {args.base} --out {args.out} --results {args.results}"
-        sections[name] = dataset_section(name, base_dir, variant_dirs, args.seeds, command, time.time() - started)
+        sections[name] = dataset_section(name, base_dir, variant_dirs, args.seeds, command, time.time() - started, cfg)
     header = (
         "# The generative recommender: SFT and SFT+RL next to SASRec\n\n"
         "Test split, leave-one-out, full ranking over all items, seen items excluded, trie-constrained beam "
