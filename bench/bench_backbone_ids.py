@@ -48,24 +48,9 @@ class Qwen2Items(torch.nn.Module):
 
     def __init__(self, num_items: int, max_len: int, hidden: int, layers: int, heads: int, ffn: int, dropout: float):
         super().__init__()
-        from transformers import Qwen2Config, Qwen2ForCausalLM
+        from genrec.model.backbone import add_residual_dropout, scratch_qwen2
 
-        from genrec.model.backbone import add_residual_dropout
-
-        config = Qwen2Config(
-            vocab_size=num_items + 1,
-            hidden_size=hidden,
-            intermediate_size=ffn,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            num_key_value_heads=heads,
-            max_position_embeddings=max_len,
-            attention_dropout=0.0,
-            tie_word_embeddings=True,
-            use_sliding_window=False,
-            pad_token_id=0,
-        )
-        self.lm = Qwen2ForCausalLM._from_config(config, attn_implementation="sdpa")
+        self.lm = scratch_qwen2(num_items + 1, hidden, ffn, layers, heads, heads, max_len, pad_token_id=0)
         add_residual_dropout(self.lm, dropout)
         self.num_items, self.max_len = num_items, max_len
 

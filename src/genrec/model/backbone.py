@@ -84,28 +84,50 @@ def backbone_dir(cfg: ModelConfig) -> Path:
     return path
 
 
-def build_scratch_model(cfg: ModelConfig, tokenizer, seed: int):
-    """A randomly initialised Qwen2 over the tokenizer's vocabulary."""
-    import torch
+def scratch_qwen2(
+    vocab_size: int, hidden: int, ffn: int, layers: int, heads: int, kv_heads: int, max_positions: int, **token_ids
+):
+    """A randomly initialised Qwen2 causal LM (tied embeddings, no attention dropout, SDPA attention).
+
+    The one builder of every scratch decoder: the token layout's (``build_scratch_model``), the item
+    layout's (``genrec.model.item_layout``) and the benchmarks'. ``token_ids``: ``pad_token_id`` and
+    the like, passed to ``Qwen2Config``.
+    """
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads,
-        max_position_embeddings=SCRATCH_MAX_POSITIONS,
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_positions,
         attention_dropout=0.0,
         tie_word_embeddings=True,
         use_sliding_window=False,
+        **token_ids,
+    )
+    return Qwen2ForCausalLM._from_config(config, attn_implementation="sdpa")
+
+
+def build_scratch_model(cfg: ModelConfig, tokenizer, seed: int):
+    """A randomly initialised Qwen2 over the tokenizer's vocabulary."""
+    import torch
+
+    torch.manual_seed(seed)
+    return scratch_qwen2(
+        len(tokenizer),
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.num_layers,
+        cfg.num_heads,
+        cfg.num_kv_heads,
+        SCRATCH_MAX_POSITIONS,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    torch.manual_seed(seed)
-    return Qwen2ForCausalLM._from_config(config, attn_implementation="sdpa")
 
 
 def load_pretrained_model(

@@ -64,9 +64,7 @@ class ItemLayoutModel(torch.nn.Module):
         item_vectors: torch.Tensor | None = None,
     ):
         super().__init__()
-        from transformers import Qwen2Config, Qwen2ForCausalLM
-
-        from genrec.model.backbone import add_residual_dropout
+        from genrec.model.backbone import add_residual_dropout, scratch_qwen2
 
         codes = np.asarray(codes, dtype=np.int64)
         if codes.ndim != 2 or len(codes) == 0 or codes.min() < 0:
@@ -74,20 +72,8 @@ class ItemLayoutModel(torch.nn.Module):
         if len(np.unique(codes, axis=0)) != len(codes):
             raise ValueError("two items share a SID: the item layout needs collision-free SIDs")
         num_items, L = codes.shape
-        config = Qwen2Config(
-            vocab_size=1,  # no token table: inputs_embeds only
-            hidden_size=hidden,
-            intermediate_size=ffn,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            num_key_value_heads=kv_heads,
-            max_position_embeddings=max_len,
-            attention_dropout=0.0,
-            tie_word_embeddings=True,
-            use_sliding_window=False,
-            pad_token_id=0,
-        )
-        self.lm = Qwen2ForCausalLM._from_config(config, attn_implementation="sdpa")
+        # vocab_size 1: no token table, inputs_embeds only.
+        self.lm = scratch_qwen2(1, hidden, ffn, layers, heads, kv_heads, max_len, pad_token_id=0)
         add_residual_dropout(self.lm, dropout)  # attention and MLP outputs; the input's dropout is in embed
         self.num_items, self.max_len, self.p = num_items, max_len, dropout
         self.sizes = [int(codes[:, level].max()) + 1 for level in range(L)]

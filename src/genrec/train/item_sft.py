@@ -31,6 +31,7 @@ def train_items(
     import torch
 
     from genrec.baselines.sasrec import train_sasrec
+    from genrec.model.backbone import count_parameters
     from genrec.model.item_layout import ItemLayoutModel, save
     from genrec.train.sft import _valid_sample, _write_curves
 
@@ -81,7 +82,6 @@ def train_items(
     )
     seconds = time.time() - started
     best = max(curves, key=lambda r: r.get("valid_ndcg@10", -1.0), default={})
-    params = {id(p): p for p in model.parameters()}.values()
     if len(curves) >= sft.max_epochs:
         stop = "max_epochs"
     elif sft.max_minutes and seconds > 60 * sft.max_minutes:
@@ -95,10 +95,7 @@ def train_items(
         "epochs": len(curves),
         "stop_reason": stop,
         "train_seconds": round(seconds, 1),
-        "params": {
-            "total": sum(p.numel() for p in params),
-            "trainable": sum(p.numel() for p in params if p.requires_grad),
-        },
+        "params": count_parameters(model),
         "valid_users": len(valid),
         "device": str(next(model.parameters()).device),
         "torch_threads": torch.get_num_threads(),
