@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from genrec.baselines.popularity import popularity_ranker
@@ -150,3 +151,30 @@ def test_bench_two_token_layout_trains_in_sasrecs_loop(tiny_dataset, tmp_path):
     )
     assert isinstance(model, TwoTokenItems) and curves[-1]["loss"] < curves[0]["loss"]
     assert all(0.0 <= r["valid_ndcg@10"] <= 1.0 for r in curves)
+
+
+def test_fit_epochs_cuts_the_learning_rate_at_a_plateau_from_the_best_weights(tmp_path):
+    from types import SimpleNamespace
+
+    from genrec.train.epochs import fit_epochs
+
+    model = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    scores = iter([0.1, 0.3, 0.2, 0.2, 0.4, 0.35, 0.35, 0.9])  # best at epochs 2 and 5; two plateaus of 2
+
+    def train_epoch(epoch: int) -> dict:
+        with torch.no_grad():
+            model.weight.add_(1.0)  # the weight counts the epochs that trained it
+        return {"loss": 0.0}
+
+    def valid() -> float:
+        return next(scores)
+
+    cfg = SimpleNamespace(max_epochs=50, eval_every=1, patience=2, max_minutes=0, lr_drops=1, lr_drop_factor=0.1)
+    curves = fit_epochs("t", model, opt, train_epoch, valid, cfg, tmp_path)
+    # Epoch 4 is the first plateau: back to epoch 2's weights, lr x0.1; epoch 7 the second: a stop.
+    assert [row.get("lr_cut_to") for row in curves] == [None, None, None, pytest.approx(0.1), None, None, None]
+    assert len(curves) == 7 and opt.param_groups[0]["lr"] == pytest.approx(0.1)
+    # The best evaluated weights, epoch 5's: epochs 1, 2, then 5 after the return to epoch 2.
+    assert model.weight.item() == 3.0

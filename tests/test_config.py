@@ -32,6 +32,8 @@ def test_a_mapping_value_replaces_the_configs_not_merges(tmp_path):
         ("data.protocol=random", "data.protocol must be 'loo' or 'chrono'"),
         ("nosuch=1", "unknown config key nosuch"),
         ("sasrec=3", "sasrec: expected a mapping"),
+        ("sasrec.lr_drop_factor=1.5", r"sasrec.lr_drop_factor must be in \(0, 1\)"),
+        ("sft.lr_drops=1", "sft.lr_drops works with model.layout=items"),
     ],
 )
 def test_bad_values_name_the_key(override, message):

@@ -116,9 +116,15 @@ class SASRecConfig:
     eval_every: int = 2
     # Hard wall-clock budget for training in minutes (0 = none).
     max_minutes: float = 0.0
+    # The first lr_drops times patience runs out, go back to the best weights and multiply the
+    # learning rate by lr_drop_factor instead of stopping (genrec.train.epochs).
+    lr_drops: int = 0
+    lr_drop_factor: float = 0.1
 
     def __post_init__(self) -> None:
         _check(self.hidden_size % self.num_heads == 0, "sasrec.hidden_size must be divisible by sasrec.num_heads")
+        _check(self.lr_drops >= 0, f"sasrec.lr_drops must be >= 0, got {self.lr_drops}")
+        _check(0 < self.lr_drop_factor < 1, f"sasrec.lr_drop_factor must be in (0, 1), got {self.lr_drop_factor}")
         _check(0.0 <= self.dropout < 1.0, f"sasrec.dropout must be in [0, 1), got {self.dropout}")
 
 
@@ -399,6 +405,11 @@ class SFTConfig:
     sid_softmax: str = "vocab"
     # model.layout: items only: training windows per batch (the token layout batches by tokens).
     batch_size: int = 256
+    # model.layout: items only (the token layout has `schedule`): the first lr_drops times
+    # patience runs out, go back to the best weights and multiply the learning rate by
+    # lr_drop_factor instead of stopping (genrec.train.epochs).
+    lr_drops: int = 0
+    lr_drop_factor: float = 0.1
 
     def __post_init__(self) -> None:
         _check(bool(self.tasks), "sft.tasks must name at least one task, e.g. {seqrec: 1.0}")
@@ -428,6 +439,8 @@ class SFTConfig:
         _check(
             self.window_stride >= 0, f"sft.window_stride must be >= 0 (0 = data.max_history), got {self.window_stride}"
         )
+        _check(self.lr_drops >= 0, f"sft.lr_drops must be >= 0, got {self.lr_drops}")
+        _check(0 < self.lr_drop_factor < 1, f"sft.lr_drop_factor must be in (0, 1), got {self.lr_drop_factor}")
         _check(
             self.text_history >= 1 and self.max_text_tokens >= 1,
             "sft.text_history and sft.max_text_tokens must be >= 1",
@@ -591,6 +604,11 @@ class RunConfig:
         )
         if self.model.layout == "items":
             self._check_item_layout()
+        else:
+            _check(
+                self.sft.lr_drops == 0,
+                "sft.lr_drops works with model.layout=items; the token layout decays by sft.schedule",
+            )
 
     def _check_item_layout(self) -> None:
         """What ``model.layout: items`` supports: SFT on seqrec from scratch and its evaluation (genrec.model.item_layout)."""

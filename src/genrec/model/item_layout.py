@@ -102,17 +102,34 @@ class ItemLayoutModel(torch.nn.Module):
                     torch.nn.init.normal_(param, std=0.02)
         # The trie: each item's prefix node at each level, each node's allowed codes and prefix codes.
         self.register_buffer("codes", torch.as_tensor(np.concatenate([np.zeros((1, L), np.int64), codes])), False)
-        nodes = []
+        # children_l (nodes, G): each node's child codes, -1 padded; child (N, L): the item's code's
+        # place among its node's children; multi_l, multi_items_l, multi_slot_l: the nodes with
+        # more than one child, the items under them and their flat places (node among them * G + child).
+        nodes, child = [], []
         for level in range(L):
             prefixes, node = np.unique(codes[:, :level], axis=0, return_inverse=True)
             node = node.reshape(-1)
             allowed = np.zeros((len(prefixes), self.sizes[level]), dtype=bool)
             allowed[node, codes[:, level]] = True
+            fan = allowed.sum(1)
+            children = np.full((len(prefixes), fan.max()), -1, dtype=np.int64)
+            rank = np.cumsum(allowed, axis=1) - 1  # a code's place among its node's allowed codes
+            where = np.nonzero(allowed)
+            children[where[0], rank[where]] = where[1]
+            item_child = rank[node, codes[:, level]]
+            multi = np.flatnonzero(fan > 1)
+            local = np.full(len(prefixes), -1)
+            local[multi] = np.arange(len(multi))
+            items = np.flatnonzero(local[node] >= 0)
+            slot = local[node[items]] * children.shape[1] + item_child[items]
             nodes.append(node)
-            self.register_buffer(f"allowed_{level}", torch.as_tensor(allowed), persistent=False)
-            prefix = torch.as_tensor(prefixes.reshape(len(prefixes), level))
-            self.register_buffer(f"prefix_{level}", prefix, persistent=False)
+            child.append(item_child)
+            tables = {"allowed": allowed, "prefix": prefixes.reshape(len(prefixes), level), "children": children}
+            tables.update(multi=multi, multi_items=items, multi_slot=slot)
+            for name, table in tables.items():
+                self.register_buffer(f"{name}_{level}", torch.as_tensor(table), persistent=False)
         self.register_buffer("nodes", torch.as_tensor(np.stack(nodes, axis=1)), persistent=False)  # (N, L)
+        self.register_buffer("child", torch.as_tensor(np.stack(child, axis=1)), persistent=False)  # (N, L)
         self.build_args = {
             "max_len": max_len,
             "hidden": hidden,
@@ -150,13 +167,28 @@ class ItemLayoutModel(torch.nn.Module):
         return u + F.dropout(self.mlp[level](u), self.p, self.training)
 
     def window_loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """States (P, H) and their next items (P,) -> the mean teacher-forced NLL of the targets' SIDs."""
+        """States (P, H) and their next items (P,) -> the mean teacher-forced NLL of the targets' SIDs.
+
+        A level whose nodes have few children against its codebook (a level of one code per item)
+        scores each state against its node's children only (``children_l``, padded); other levels
+        score every code and mask the ones the trie does not allow. Both are the same softmax.
+        """
         loss, u = 0.0, h
         for level in range(self.num_levels):
             code = self.codes[targets + 1, level]
-            allowed = getattr(self, f"allowed_{level}")[self.nodes[targets, level]]
-            logits = self.level_state(u, level) @ self.code_emb[level].weight.T
-            loss = loss + F.cross_entropy(logits.masked_fill(~allowed, float("-inf")), code)
+            node = self.nodes[targets, level]
+            z = self.level_state(u, level)
+            children = getattr(self, f"children_{level}")
+            if 4 * children.shape[1] <= self.sizes[level]:
+                children = children[node]  # (P, G)
+                logits = torch.einsum("ph,pgh->pg", z, self.code_emb[level](children.clamp(min=0)))
+                loss = loss + F.cross_entropy(
+                    logits.masked_fill(children < 0, float("-inf")), self.child[targets, level]
+                )
+            else:
+                allowed = getattr(self, f"allowed_{level}")[node]
+                logits = z @ self.code_emb[level].weight.T
+                loss = loss + F.cross_entropy(logits.masked_fill(~allowed, float("-inf")), code)
             u = u + self.code_emb[level](code)
         return loss
 
@@ -175,40 +207,28 @@ class ItemLayoutModel(torch.nn.Module):
 
     @torch.no_grad()
     def score(self, histories) -> torch.Tensor:
-        """Every item's exact log-probability (B, N), level by level over the trie's edges (node, code).
+        """Every item's exact log-probability (B, N), level by level over the trie's nodes.
 
         Only the nodes with more than one child are computed (an only child has log-probability 0),
-        and a level's logits only on its edges, not on every code under every node: a level of one
-        code per item (``sid.collision: item``) costs one dot product per item. Users go in chunks
-        that keep the gathered states (users x edges x H) near 16M floats.
+        each node's state against its own children's rows (``children_l``), so a level of one code
+        per item (``sid.collision: item``) costs one dot product per item. Users go in chunks that
+        keep the node states and logits near 16M floats.
         """
         h = self.forward(self.batch(histories))[:, -1]  # (B, H)
         lp = torch.zeros(len(h), self.num_items, device=h.device)
         for level in range(self.num_levels):
-            allowed = getattr(self, f"allowed_{level}")
-            multi = torch.nonzero(allowed.sum(1) > 1).squeeze(1)  # (m,)
+            multi, items, slot = (getattr(self, f"{name}_{level}") for name in ("multi", "multi_items", "multi_slot"))
             if len(multi) == 0:
                 continue
-            where = torch.full((len(allowed),), -1, dtype=torch.long, device=h.device)
-            where[multi] = torch.arange(len(multi), device=h.device)
-            row = where[self.nodes[:, level]]  # (N,): the item's node among the m, -1 = an only child
-            items = torch.nonzero(row >= 0).squeeze(1)
-            edges, item_edge = torch.unique(
-                torch.stack([row[items], self.codes[items + 1, level]], dim=1), dim=0, return_inverse=True
-            )  # (E, 2): (node among the m, code)
             prefix = getattr(self, f"prefix_{level}")[multi]  # (m, level)
             rows = sum((self.code_emb[k](prefix[:, k]) for k in range(level)), torch.zeros_like(h[:1]))  # (m, H)
-            out = self.code_emb[level].weight[edges[:, 1]]  # (E, H)
-            node = edges[:, 0]
-            chunk = max(1, (1 << 24) // (len(edges) * h.shape[1]))
+            children = getattr(self, f"children_{level}")[multi]  # (m, G)
+            out, pad = self.code_emb[level](children.clamp(min=0)), children < 0  # (m, G, H)
+            chunk = max(1, (1 << 24) // (len(multi) * (h.shape[1] + children.shape[1])))
             for s in range(0, len(h), chunk):
                 z = self.level_state(h[s : s + chunk].unsqueeze(1) + rows.unsqueeze(0), level)  # (b, m, H)
-                logits = (z[:, node] * out).sum(-1)  # (b, E)
-                top = torch.full((len(z), len(multi)), float("-inf"), device=h.device)
-                top = top.scatter_reduce(1, node.expand_as(logits), logits, "amax")
-                shifted = (logits - top[:, node]).exp()
-                total = torch.zeros_like(top).scatter_add(1, node.expand_as(logits), shifted)
-                lp[s : s + chunk, items] += (logits - (total.log() + top)[:, node])[:, item_edge]
+                logits = torch.einsum("bmh,mgh->bmg", z, out).masked_fill(pad, float("-inf"))
+                lp[s : s + chunk, items] += logits.log_softmax(-1).flatten(1)[:, slot]
         return lp
 
     def checkpoint(self) -> dict:

@@ -7,6 +7,11 @@ writes ``work_dir/checkpoint.pt`` (weights, optimiser, state, best weights, torc
 every epoch through a temporary file and one rename. A killed run resumes from it exactly: the
 caller's shuffle must depend on (seed, epoch) only, and dropout masks continue from the saved
 RNG state.
+
+With ``cfg.lr_drops`` > 0 (SASRecConfig and, for the item layout, SFTConfig have it), the first
+``lr_drops`` times that patience runs out are plateaus, not stops: the best weights come back, the
+learning rate is multiplied by ``lr_drop_factor``, and patience starts afresh (the optimiser keeps
+its moments). The row of that epoch records the new rate as ``lr_cut_to``.
 """
 
 from __future__ import annotations
@@ -65,6 +70,23 @@ def fit_epochs(
                 best_state = {k: v.clone() for k, v in model.state_dict().items()}
             else:
                 state["bad_evals"] += 1
+        if state["bad_evals"] >= cfg.patience and state.get("drops", 0) < getattr(cfg, "lr_drops", 0):
+            # A plateau: back to the best weights, the learning rate cut, patience afresh.
+            state["drops"] = state.get("drops", 0) + 1
+            state["bad_evals"] = 0
+            model.load_state_dict(best_state)
+            for group in opt.param_groups:
+                group["lr"] *= cfg.lr_drop_factor
+            row["lr_cut_to"] = opt.param_groups[0]["lr"]
+            log.info(
+                "%s: plateau at epoch %d: back to epoch %d's weights, learning rate x%g (cut %d of %d)",
+                name,
+                epoch + 1,
+                state["best_epoch"],
+                cfg.lr_drop_factor,
+                state["drops"],
+                cfg.lr_drops,
+            )
         state["curves"].append(row)
         state["seconds"] = time.time() - started
         bar.update(1)
