@@ -44,13 +44,14 @@ def fit_epochs(
 
     Path(work_dir).mkdir(parents=True, exist_ok=True)
     ckpt_path = Path(work_dir) / "checkpoint.pt"
-    state = {"epoch": 0, "best": -1.0, "best_epoch": -1, "bad_evals": 0, "curves": [], "seconds": 0.0}
+    state = {"epoch": 0, "best": -1.0, "best_epoch": -1, "bad_evals": 0, "drops": 0, "curves": [], "seconds": 0.0}
     best_state = None
     if ckpt_path.is_file():
         blob = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         model.load_state_dict(blob["model"])
         opt.load_state_dict(blob["opt"])
         state, best_state = blob["state"], blob["best_model"]
+        state.setdefault("drops", 0)  # checkpoints from before the plateau cut
         torch.set_rng_state(blob["rng"])  # dropout masks continue exactly where they stopped
         log.info("%s: resumed from epoch %d", name, state["epoch"])
 
@@ -70,9 +71,9 @@ def fit_epochs(
                 best_state = {k: v.clone() for k, v in model.state_dict().items()}
             else:
                 state["bad_evals"] += 1
-        if state["bad_evals"] >= cfg.patience and state.get("drops", 0) < getattr(cfg, "lr_drops", 0):
+        if state["bad_evals"] >= cfg.patience and state["drops"] < getattr(cfg, "lr_drops", 0):  # TRMConfig has none
             # A plateau: back to the best weights, the learning rate cut, patience afresh.
-            state["drops"] = state.get("drops", 0) + 1
+            state["drops"] += 1
             state["bad_evals"] = 0
             model.load_state_dict(best_state)
             for group in opt.param_groups:

@@ -4,8 +4,9 @@ The model reads one position per item and generates the next item's SID with its
 a training window is SASRec's: a user's training items ``s_1..s_n`` in, ``s_2..s_n`` out, every
 position learning its next item at once (``ItemLayoutModel.window_loss``, the teacher-forced NLL of
 the target's SID). It trains through SASRec's own loop (``genrec.baselines.sasrec.train_sasrec``):
-Adam at the constant ``sft.lr`` (``sft.weight_decay`` as Adam's L2 term; with ``sft.lr_drops``,
-cut by ``sft.lr_drop_factor`` from the best weights at each plateau), ``sft.batch_size`` windows a batch, early stopping on ``sft.eval_users`` valid users every ``sft.eval_every`` epochs,
+Adam at ``sft.lr`` (``sft.weight_decay`` as Adam's L2 term), cut by ``sft.lr_drop_factor`` from
+the best weights at each of the first ``sft.lr_drops`` plateaus, ``sft.batch_size`` windows a
+batch, early stopping on ``sft.eval_users`` valid users (0 = all) every ``sft.eval_every`` epochs,
 a checkpoint after every epoch that a killed run resumes from. On Beauty that regimen (dropout
 0.5, 2 layers of 64) is the one that carried a Qwen2 block on item ids to SASRec's level
 (docs/sft.md). It runs in one process: the token layout's ``accelerate`` path (DDP, mixed
